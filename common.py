@@ -1,0 +1,718 @@
+"""Shared pieces of every experiment: models, losses, metrics, training loops, caching, output.
+
+Each `exp_*.py` script builds its own spurious data set as tensors and calls into this file for
+everything else. Read `README.md` for the vocabulary (mechanisms I/A/B, configurations such as
+`I+rA`, counterfactual test sets).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOSSES = ("ce", "kl", "jacobian", "contrastive")
+JACOBIAN_METHODS = ("auto", "loop", "batched", "vmap")
+
+
+# ----------------------------------------------------------------------------- errors, devices, seeds
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file): printed as one line, no traceback."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run `main`, turning UserError and Ctrl-C into one clear line and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: no result was written", file=sys.stderr)
+        sys.exit(130)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` means CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so one seed on one machine gives the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def environment(device: torch.device) -> dict:
+    """What ran the experiment, stored in every result."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+           "platform": platform.platform(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+# ----------------------------------------------------------------------------- configurations
+
+class TensorSet(NamedTuple):
+    """A data set held as tensors: images [N, C, H, W] in [0, 1], labels [N], optional groups [N]."""
+    x: torch.Tensor
+    y: torch.Tensor
+    group: Optional[torch.Tensor] = None
+
+
+def parse_config(spec: str, letters: str) -> dict[str, str]:
+    """Parse a configuration such as `IA`, `I+rA` or `rI+A` into {letter: label|random|absent}.
+
+    Upper-case letters carry the label; a part starting with `r` lists randomised mechanisms
+    (present, drawn independently of the label); letters not named are absent.
+    """
+    roles = {letter: "absent" for letter in letters}
+    for part in spec.split("+"):
+        role, names = ("random", part[1:]) if part.startswith("r") else ("label", part)
+        if not names:
+            raise UserError(f"configuration '{spec}' has an empty part; write e.g. IA, I+rA or rI+A")
+        for letter in names:
+            if letter not in roles:
+                raise UserError(f"configuration '{spec}' names mechanism '{letter}', but this data "
+                                f"set has only {', '.join(letters)}")
+            if roles[letter] != "absent":
+                raise UserError(f"configuration '{spec}' names mechanism '{letter}' twice")
+            roles[letter] = role
+    if "label" not in roles.values():
+        raise UserError(f"configuration '{spec}' has no mechanism that carries the label "
+                        f"(write at least one upper-case letter without r)")
+    return roles
+
+
+def spurious_values(y: torch.Tensor, frac: float, num_values: int, generator: torch.Generator) -> torch.Tensor:
+    """A cue that equals the label for exactly round(frac * N) samples (chosen at random) and takes
+    one of the other values, uniformly, for the rest: P(cue == label) is exactly `frac`."""
+    n = len(y)
+    carries = torch.zeros(n, dtype=torch.bool)
+    carries[torch.randperm(n, generator=generator)[:round(frac * n)]] = True
+    other = (y + torch.randint(1, num_values, (n,), generator=generator)) % num_values
+    return torch.where(carries, y, other)
+
+
+def check_fraction(value: float, flag: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"{flag} must be in [0, 1], got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- models
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and global average pooling; `width` sets the size (teacher > student).
+
+    No BatchNorm, so per-sample input Jacobians never mix samples.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.feature_dim = 4 * w
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small images (3x3 stem, no max-pool), for GPU runs.
+
+    It has BatchNorm: in training mode a sample's logits depend on the rest of the batch, so the
+    Jacobian computed during distillation includes that (small, O(1/batch)) cross-sample term.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        blocks, cin = [], width
+        for i, cout in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            blocks += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.feature_dim = cin
+        self.classifier = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(arch: str, in_channels: int, num_classes: int, width: int) -> nn.Module:
+    """`cnn` (SmallCNN, width = channels of the first block) or `resnet18` (width = 64 is standard)."""
+    if arch == "cnn":
+        return SmallCNN(in_channels, num_classes, width)
+    if arch == "resnet18":
+        return ResNet18(in_channels, num_classes, width)
+    raise UserError(f"unknown architecture '{arch}'; use cnn or resnet18")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the teacher never changes during distillation."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class ContrastiveHeads(nn.Module):
+    """Linear projections of student and teacher features to a shared space (trained with the student)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, dim: int = 128):
+        super().__init__()
+        self.student = nn.Linear(student_dim, dim)
+        self.teacher = nn.Linear(teacher_dim, dim)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+          t2_scale: bool = True) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), batch mean, times T^2 when `t2_scale` (Hinton's convention)."""
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+    return kl * temperature ** 2 if t2_scale else kl
+
+
+def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor, heads: ContrastiveHeads,
+             temperature: float = 0.1) -> torch.Tensor:
+    """In-batch InfoNCE (CRD without the memory bank): the positive of student sample i is teacher
+    sample i, every other sample of the batch is a negative; symmetric in the two directions."""
+    zs = F.normalize(heads.student(student_features), dim=1)
+    zt = F.normalize(heads.teacher(teacher_features), dim=1)
+    logits = zs @ zt.t() / temperature
+    target = torch.arange(len(zs), device=zs.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def class_selectors(num_classes: int, batch: int, device: torch.device,
+                    top_classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows of the Jacobian to compute, as vectors over classes: [K, B, C].
+
+    All classes (K = C) by default, or per-sample classes `top_classes` [B, K] (the teacher's top-k).
+    """
+    if top_classes is None:
+        eye = torch.eye(num_classes, device=device)
+        return eye[:, None, :].expand(num_classes, batch, num_classes)
+    return F.one_hot(top_classes.t(), num_classes).float()
+
+
+def projection_selectors(num_projections: int, batch: int, num_classes: int, device: torch.device,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random Gaussian directions over the classes, fresh per sample: [K, B, C], scaled by 1/sqrt(K)
+    so that E||V J||^2 = ||J||^2."""
+    v = torch.randn(num_projections, batch, num_classes, device=device, generator=generator)
+    return v / math.sqrt(num_projections)
+
+
+def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, create_graph: bool,
+                   method: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the selected rows of d logits / d input: ([B, C], [B, K, D]).
+
+    Row k of sample b is selectors[k, b] . d logits_b / d x_b. `loop` runs one backward pass per
+    row; `batched` uses autograd's is_grads_batched; `vmap` uses torch.func. With `create_graph`
+    the rows stay differentiable with respect to the model's parameters.
+    """
+    x = x.detach().requires_grad_(True)
+    if method == "vmap":
+        logits, vjp_fn = torch.func.vjp(model, x)
+        (rows,) = torch.func.vmap(vjp_fn)(selectors)
+        if not create_graph:
+            rows, logits = rows.detach(), logits.detach()
+    else:
+        with torch.enable_grad():
+            logits = model(x)
+            if method == "batched":
+                (rows,) = torch.autograd.grad(logits, x, selectors, is_grads_batched=True,
+                                              create_graph=create_graph, retain_graph=create_graph)
+            elif method == "loop":
+                rows = torch.stack([torch.autograd.grad(logits, x, sel, create_graph=create_graph,
+                                                        retain_graph=True)[0] for sel in selectors])
+            else:
+                raise UserError(f"unknown Jacobian method '{method}'; use {', '.join(JACOBIAN_METHODS)}")
+        if not create_graph:
+            rows, logits = rows.detach(), logits.detach()
+    return logits, rows.flatten(2).transpose(0, 1)
+
+
+def jacobian_distance(student_jac: torch.Tensor, teacher_jac: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Batch mean of || Jt/|Jt| - Js/|Js| ||_2, each sample's Jacobian flattened and L2-normalised."""
+    js = student_jac.flatten(1)
+    jt = teacher_jac.flatten(1)
+    js = js / (js.norm(dim=1, keepdim=True) + eps)
+    jt = jt / (jt.norm(dim=1, keepdim=True) + eps)
+    return torch.linalg.vector_norm(jt - js, dim=1).mean()
+
+
+def default_jacobian_method(device: torch.device) -> str:
+    """The fastest exact method measured on each device type (see analysis/bench_losses.py)."""
+    return "loop" if device.type == "cpu" else "batched"
+
+
+def jacobian_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, method: str = "auto",
+                  top_k: Optional[int] = None) -> torch.Tensor:
+    """Jacobian matching (Srinivas and Fleuret, 2018): batch mean of ||Jt - Js||_2 where J is the
+    per-sample Jacobian of the logits with respect to the input, all classes (or the teacher's
+    top-k), flattened and L2-normalised. The teacher side is computed without a graph."""
+    if method == "auto":
+        method = default_jacobian_method(x.device)
+    with torch.no_grad():
+        num_classes = teacher(x[:1]).shape[1]
+    top = None
+    if top_k is not None and top_k < num_classes:
+        with torch.no_grad():
+            top = teacher(x).topk(top_k, dim=1).indices
+    selectors = class_selectors(num_classes, len(x), x.device, top)
+    _, teacher_jac = input_jacobian(teacher, x, selectors, create_graph=False, method=method)
+    _, student_jac = input_jacobian(student, x, selectors, create_graph=True, method=method)
+    return jacobian_distance(student_jac, teacher_jac)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of a model in eval mode, in large batches without autograd."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def group_accuracy(pred: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> dict[str, float]:
+    """Accuracy per group present, their average and the worst group."""
+    per_group = {int(g): (pred[group == g] == y[group == g]).float().mean().item()
+                 for g in torch.unique(group)}
+    return {"groups": {str(g): a for g, a in sorted(per_group.items())},
+            "avg_acc": float(np.mean(list(per_group.values()))),
+            "worst_group_acc": min(per_group.values())}
+
+
+def pair_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+                 group: Optional[torch.Tensor] = None) -> dict:
+    """Student accuracy, KL(teacher || student) at T = 1 (mean over samples) and top-1 agreement."""
+    s_pred, t_pred = student_logits.argmax(1), teacher_logits.argmax(1)
+    kl = F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
+                  log_target=True, reduction="batchmean")
+    out = {"acc": (s_pred == y).float().mean().item(), "kl": kl.item(),
+           "agreement": (s_pred == t_pred).float().mean().item()}
+    if group is not None:
+        out.update(group_accuracy(s_pred, y, group))
+        out["group_agreement"] = {str(int(g)): (s_pred[group == g] == t_pred[group == g]).float().mean().item()
+                                  for g in torch.unique(group)}
+    return out
+
+
+def teacher_metrics(teacher_logits: torch.Tensor, y: torch.Tensor, group: Optional[torch.Tensor] = None) -> dict:
+    pred = teacher_logits.argmax(1)
+    out = {"acc": (pred == y).float().mean().item()}
+    if group is not None:
+        out.update(group_accuracy(pred, y, group))
+    return out
+
+
+def evaluate_student(student: nn.Module, cf_sets: dict[str, TensorSet],
+                     teacher_logits: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Student metrics on every named test set, against the teacher's (precomputed) logits."""
+    return {name: pair_metrics(predict(student, s.x).cpu(), teacher_logits[name], s.y.cpu(),
+                               None if s.group is None else s.group.cpu())
+            for name, s in cf_sets.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def _progress(total: int, desc: str):
+    """A progress bar on a terminal; silent in logs (evaluation lines are printed instead)."""
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
+    except ImportError:  # tqdm is optional
+        return contextlib.nullcontext(type("NoBar", (), {"update": lambda *a: None,
+                                                         "set_postfix_str": lambda *a: None})())
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Indices of `steps` mini-batches, reshuffled every epoch, last partial batch dropped."""
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    step = 0
+    while step < steps:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(per_epoch):
+            if step == steps:
+                return
+            yield perm[i * batch_size:(i + 1) * batch_size]
+            step += 1
+
+
+def _optimizer(params, lr: float, steps: int, kind: str = "sgd"):
+    """SGD with Nesterov momentum (teachers) or Adam (students: the distillation losses differ in
+    scale by orders of magnitude, and Adam's step size does not), both with cosine decay."""
+    if kind == "adam":
+        opt = torch.optim.Adam(params, lr=lr)
+    else:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.01)
+    return opt, sched
+
+
+def _check_finite(loss: torch.Tensor, step: int, what: str) -> None:
+    if not torch.isfinite(loss):
+        raise UserError(f"the {what} loss became {loss.item()} at step {step}; no result was written. "
+                        f"Lower --lr or --alpha and run again")
+
+
+def train_teacher(model: nn.Module, train: TensorSet, *, steps: int, batch_size: int, lr: float,
+                  device: torch.device, seed: int) -> nn.Module:
+    """Cross-entropy training with a cosine schedule; returns the model frozen in eval mode."""
+    model.to(device).train()
+    opt, sched = _optimizer(model.parameters(), lr, steps)
+    gen = torch.Generator().manual_seed(seed)
+    with _progress(steps, "teacher") as bar:
+        for step, idx in enumerate(_batches(len(train.y), batch_size, steps, gen), 1):
+            x, y = train.x[idx].to(device), train.y[idx].to(device)
+            loss = F.cross_entropy(model(x), y)
+            _check_finite(loss, step, "teacher")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix_str(f"loss {loss.item():.3f}")
+    return freeze(model)
+
+
+def teacher_targets(teacher: nn.Module, x: torch.Tensor, *, need_jacobian: bool, top_k: Optional[int],
+                    method: str, batch_size: int = 256, max_bytes: float = 2e9) -> dict:
+    """Teacher logits, features and (when they fit in `max_bytes`) input Jacobians for a fixed
+    training set, computed once so that distillation never runs the teacher per step."""
+    device = next(teacher.parameters()).device
+    out = {"logits": predict(teacher, x, batch_size)}
+    with torch.no_grad():
+        out["features"] = torch.cat([teacher.features(x[i:i + 1024].to(device)) for i in range(0, len(x), 1024)])
+    if need_jacobian:
+        num_classes = out["logits"].shape[1]
+        rows = top_k if top_k is not None and top_k < num_classes else num_classes
+        size = len(x) * rows * x[0].numel() * 4
+        if size <= max_bytes:
+            jacs = []
+            for i in range(0, len(x), batch_size):
+                xb = x[i:i + batch_size].to(device)
+                top = out["logits"][i:i + batch_size].topk(rows, 1).indices if rows < num_classes else None
+                sel = class_selectors(num_classes, len(xb), device, top)
+                jacs.append(input_jacobian(teacher, xb, sel, create_graph=False, method=method)[1])
+            out["jacobian"] = torch.cat(jacs)
+    return out
+
+
+def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: str, steps: int,
+            batch_size: int, lr: float, device: torch.device, seed: int, alpha: float = 0.5,
+            temperature: float = 4.0, t2_scale: bool = True, jacobian_method: str = "auto",
+            top_k: Optional[int] = None, estimator: str = "exact", projections: int = 1,
+            contrastive_temperature: float = 0.1, cf_sets: Optional[dict[str, TensorSet]] = None,
+            eval_every: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Train `student` against a frozen `teacher` on `train`; returns curves and timing.
+
+    loss: `ce` (labels only, no teacher), `kl`, `jacobian` ((1 - alpha) KL + alpha Jacobian
+    distance) or `contrastive` ((1 - alpha) KL + alpha InfoNCE through trained projection heads).
+    The teacher's outputs on the fixed training set are computed once, before the first step.
+    """
+    if loss not in LOSSES:
+        raise UserError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}")
+    if estimator not in ("exact", "projection"):
+        raise UserError(f"unknown Jacobian estimator '{estimator}'; use exact or projection")
+    if jacobian_method == "auto":
+        jacobian_method = default_jacobian_method(device)
+    freeze(teacher.to(device))
+    student.to(device).train()
+    t_start = time.perf_counter()
+    targets = teacher_targets(teacher, train.x, need_jacobian=(loss == "jacobian"),
+                              top_k=None if estimator == "projection" else top_k, method=jacobian_method) if loss != "ce" else {}
+    params = list(student.parameters())
+    heads = None
+    if loss == "contrastive":
+        heads = ContrastiveHeads(student.feature_dim, teacher.feature_dim).to(device)
+        params += list(heads.parameters())  # the heads are trained with the student
+    opt, sched = _optimizer(params, lr, steps, "adam")
+    gen = torch.Generator().manual_seed(seed)
+    proj_gen = torch.Generator(device=device).manual_seed(seed)
+    num_classes = targets["logits"].shape[1] if targets else None
+    teacher_eval = {name: predict(teacher, s.x).cpu() for name, s in (cf_sets or {}).items()}
+    curves: list[dict] = []
+    t_prep = time.perf_counter() - t_start
+    t_train = time.perf_counter()
+    with _progress(steps, f"student ({loss})") as bar:
+        for step, idx in enumerate(_batches(len(train.y), batch_size, steps, gen), 1):
+            x, y = train.x[idx].to(device), train.y[idx].to(device)
+            if loss == "ce":
+                total = F.cross_entropy(student(x), y)
+            else:
+                t_logits = targets["logits"][idx].to(device)
+                if loss == "kl":
+                    total = kd_kl(student(x), t_logits, temperature, t2_scale)
+                elif loss == "contrastive":
+                    feats = student.features(x)
+                    aux = info_nce(feats, targets["features"][idx].to(device), heads, contrastive_temperature)
+                    total = (1 - alpha) * kd_kl(student.classifier(feats), t_logits, temperature, t2_scale) + alpha * aux
+                else:
+                    if estimator == "projection":
+                        sel = projection_selectors(projections, len(x), num_classes, device, proj_gen)
+                    else:
+                        top = t_logits.topk(top_k, 1).indices if top_k is not None and top_k < num_classes else None
+                        sel = class_selectors(num_classes, len(x), device, top)
+                    s_logits, s_jac = input_jacobian(student, x, sel, create_graph=True, method=jacobian_method)
+                    if "jacobian" not in targets:  # too large to precompute: run the teacher
+                        t_jac = input_jacobian(teacher, x, sel, create_graph=False, method=jacobian_method)[1]
+                    elif estimator == "projection":  # project the precomputed full Jacobian
+                        t_jac = torch.einsum("kbc,bcd->bkd", sel, targets["jacobian"][idx].to(device))
+                    else:
+                        t_jac = targets["jacobian"][idx].to(device)
+                    aux = jacobian_distance(s_jac, t_jac)
+                    total = (1 - alpha) * kd_kl(s_logits, t_logits, temperature, t2_scale) + alpha * aux
+            _check_finite(total, step, "distillation")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            if eval_every and cf_sets and (step % eval_every == 0 or step == steps):
+                metrics = evaluate_student(student, cf_sets, teacher_eval)
+                curves.append({"step": step, "loss": total.item(), "eval": metrics})
+                summary = "  ".join(f"{n} acc {m['acc']:.3f} agr {m['agreement']:.3f}" for n, m in metrics.items())
+                log(f"  step {step:5d}  loss {total.item():.4f}  {summary}")
+                student.train()
+    train_s = time.perf_counter() - t_train
+    return {"curves": curves, "heads": heads,
+            "timing": {"prepare_s": t_prep, "train_s": train_s, "steps_per_s": steps / max(train_s, 1e-9)}}
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+def cache_key(config: dict) -> str:
+    """A short stable hash of everything that determines a teacher."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive lock, so two processes never train or write the same teacher at once."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_or_train_teacher(config: dict, build: Callable[[], nn.Module], train: Callable[[nn.Module], nn.Module],
+                          cache_dir: str, device: torch.device, retrain: bool = False,
+                          log: Callable[[str], None] = print) -> tuple[nn.Module, bool]:
+    """Return (frozen teacher, loaded_from_cache). The cache holds `<key>.pt` (state_dict) and
+    `<key>.json` (the config it was trained with); `config` must hold everything that determines it."""
+    os.makedirs(cache_dir, exist_ok=True)
+    key = cache_key(config)
+    weights, meta = os.path.join(cache_dir, f"{key}.pt"), os.path.join(cache_dir, f"{key}.json")
+    with _file_lock(os.path.join(cache_dir, f"{key}.lock")):
+        if os.path.exists(weights) and not retrain:
+            fix = f"delete {weights} (and {meta}) to retrain it, or pass --retrain-teacher"
+            try:
+                with open(meta) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError):
+                raise UserError(f"teacher cache {meta} is missing or unreadable; {fix}")
+            if saved != json.loads(json.dumps(config)):
+                raise UserError(f"teacher cache {weights} was trained with another configuration; {fix}")
+            model = build()
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+                model.load_state_dict(state)
+            except Exception as e:  # corrupt file, wrong shapes, ...
+                raise UserError(f"teacher cache {weights} is corrupt or does not fit the model "
+                                f"({type(e).__name__}); {fix}")
+            log(f"teacher: loaded from cache {weights}")
+            return freeze(model.to(device)), True
+        log("teacher: training (cached afterwards)")
+        model = train(build())
+        _atomic_save(lambda f: torch.save(model.state_dict(), f), weights)
+        _atomic_save(lambda f: f.write(json.dumps(config, indent=1, sort_keys=True).encode()), meta)
+        return model, False
+
+
+# ----------------------------------------------------------------------------- command line and results
+
+def add_common_args(parser: "argparse.ArgumentParser", *, steps: int, teacher_steps: int, lr: float, teacher_lr: float,
+                    teacher_width: int, student_width: int) -> None:
+    """The flags every experiment shares: loss, training lengths, device, output. Each script adds
+    its own data flags and passes defaults that run well on a laptop CPU."""
+    g = parser.add_argument_group("distillation")
+    g.add_argument("--loss", choices=LOSSES, default="kl",
+                   help="ce: labels only (no teacher); kl: KL to the teacher's softened outputs; "
+                        "jacobian: (1-alpha) KL + alpha Jacobian matching; contrastive: (1-alpha) KL + alpha InfoNCE")
+    g.add_argument("--alpha", type=float, default=0.5, help="weight of the Jacobian or contrastive term (default 0.5)")
+    g.add_argument("--temperature", type=float, default=4.0, help="KL distillation temperature T (default 4)")
+    g.add_argument("--no-t2", action="store_true", help="do not multiply the KL term by T^2")
+    g.add_argument("--jacobian-method", choices=JACOBIAN_METHODS, default="auto",
+                   help="how exact Jacobians are computed; auto = the fastest measured for the device")
+    g.add_argument("--jacobian-estimator", choices=("exact", "projection"), default="exact",
+                   help="exact: all classes (or --top-k); projection: --projections random projections of the logits")
+    g.add_argument("--projections", type=int, default=1, help="K for --jacobian-estimator projection (default 1)")
+    g.add_argument("--top-k", type=int, default=None, help="match only the teacher's top-k classes' Jacobian rows")
+    g.add_argument("--contrastive-temperature", type=float, default=0.1, help="InfoNCE temperature (default 0.1)")
+    g = parser.add_argument_group("training")
+    g.add_argument("--arch", choices=("cnn", "resnet18"), default="cnn", help="cnn (CPU-friendly) or resnet18 (GPU)")
+    g.add_argument("--teacher-width", type=int, default=teacher_width, help=f"teacher width (default {teacher_width})")
+    g.add_argument("--student-width", type=int, default=student_width, help=f"student width (default {student_width})")
+    g.add_argument("--steps", type=int, default=steps, help=f"student training steps (default {steps})")
+    g.add_argument("--teacher-steps", type=int, default=teacher_steps, help=f"teacher training steps (default {teacher_steps})")
+    g.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    g.add_argument("--lr", type=float, default=lr, help=f"student's peak learning rate, SGD with cosine decay (default {lr})")
+    g.add_argument("--teacher-lr", type=float, default=teacher_lr, help=f"teacher's peak learning rate (default {teacher_lr})")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps for the curves (default steps/10)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data rendering, teacher and student (default 0)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", default=None, help="result JSON path (default results/<experiment>/<teacher>_<student>_<loss>_seed<seed>.json)")
+    g.add_argument("--cache-dir", default="cache/teachers", help="where trained teachers are kept (default cache/teachers)")
+    g.add_argument("--retrain-teacher", action="store_true", help="ignore and overwrite the cached teacher")
+    g.add_argument("--smoke", action="store_true", help="a tiny run in seconds, for CI and for checking the setup")
+
+
+def check_common_args(args) -> None:
+    """Validate the shared flags; raise UserError with the fix."""
+    check_fraction(args.alpha, "--alpha")
+    for flag in ("steps", "teacher_steps", "batch_size", "projections", "teacher_width", "student_width"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if min(args.temperature, args.contrastive_temperature, args.lr, args.teacher_lr) <= 0:
+        raise UserError("--temperature, --contrastive-temperature, --lr and --teacher-lr must be positive")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError("--top-k must be at least 1")
+
+
+def default_out(experiment: str, args) -> str:
+    return os.path.join("results", experiment, f"{args.teacher_config}_{args.student_config}_{args.loss}_seed{args.seed}.json")
+
+
+def final_result(experiment: str, args, device: torch.device, teacher: nn.Module, student: nn.Module,
+                 cf_sets: dict[str, TensorSet], run: dict, teacher_cached: bool, teacher_s: float) -> dict:
+    """Evaluate teacher and student on every counterfactual set and assemble the result JSON."""
+    teacher_logits = {name: predict(teacher, s.x).cpu() for name, s in cf_sets.items()}
+    teacher_eval = {name: teacher_metrics(teacher_logits[name], s.y.cpu(), None if s.group is None else s.group.cpu())
+                    for name, s in cf_sets.items()}
+    return {
+        "experiment": experiment,
+        "config": vars(args),
+        "env": environment(device),
+        "teacher": {"cached": teacher_cached, "eval": teacher_eval},
+        "student": {"eval": evaluate_student(student, cf_sets, teacher_logits), "curves": run["curves"]},
+        "test_sizes": {name: len(s.y) for name, s in cf_sets.items()},
+        "timing": {"teacher_train_s": teacher_s, **{f"student_{k}": v for k, v in run["timing"].items()}},
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+def _atomic_save(write: Callable, path: str) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; results are not
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def prepare_output(path: str) -> str:
+    """Create the result's folder and check it can be written, before any training is spent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write results to {folder} ({e.strerror}); choose another --out")
+    return path
+
+
+def write_result(path: str, result: dict) -> None:
+    """Write one run's result as JSON, atomically."""
+    _atomic_save(lambda f: f.write(json.dumps(result, indent=1).encode()), path)
+
+
+def print_table(teacher_eval: dict, student_eval: dict, log: Callable[[str], None] = print) -> None:
+    """Test set x (teacher acc, student acc, KL(T||S), agreement)."""
+    log(f"{'test set':<12}{'teacher acc':>12}{'student acc':>12}{'KL(T||S)':>10}{'agreement':>11}")
+    for name, m in student_eval.items():
+        log(f"{name:<12}{teacher_eval[name]['acc']:>12.3f}{m['acc']:>12.3f}{m['kl']:>10.3f}{m['agreement']:>11.3f}")

@@ -1,0 +1,176 @@
+"""Colored MNIST: does the student learn the digit (I) from its teacher, or the colour shortcut (A)?
+
+Mechanism I is the digit's shape, mechanism A its colour: one hue per class, painted on the
+strokes. By default the teacher learns on digits with random colours (`I+rA`), so it ignores
+colour; the student is distilled on digits coloured by their label (`IA`), where colour alone
+would do. Counterfactual test sets built from held-out digits then ask which mechanism the
+student uses:
+
+  I      grey digits                 (is the digit enough on its own?)
+  A      the average digit, coloured (is the colour enough on its own?)
+  IA     digit and its class colour  (the distillation distribution)
+  I+rA   digit, random colour        (the key OOD set: a student that shares the teacher's
+                                      mechanism keeps agreeing with it here)
+  rI+A   random digit, class colour  (high accuracy = the student reads the colour)
+
+Absent mechanisms take a neutral value: grey (the palette's mean colour) for A, the mean
+training digit for I. A cue that carries the label for a fraction f equals the label's value on
+exactly round(f * N) samples and one of the other nine values on the rest.
+
+Digits: the 1,797 handwritten digits that ship with scikit-learn (8x8, resized to 28x28) by
+default, so it runs offline; real MNIST with `--data mnist --data-root DIR [--download]`.
+
+    python exp_colored_mnist.py --loss jacobian
+"""
+import argparse
+import colorsys
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+EXPERIMENT = "colored_mnist"
+MECHANISMS = "IA"
+TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
+NUM_CLASSES = 10
+
+# ----------------------------------------------------------------------------- flags
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Configurations: upper-case letters carry the label, r marks randomised "
+                                        "mechanisms, e.g. IA, I+rA, rI+A, A.")
+g = parser.add_argument_group("data")
+g.add_argument("--teacher-config", default="I+rA", help="mechanisms of the teacher's training data (default I+rA)")
+g.add_argument("--student-config", default="IA", help="mechanisms of the distillation data (default IA)")
+g.add_argument("--spurious-frac", type=float, default=1.0,
+               help="fraction of training samples whose colour equals the label's colour, where A carries the label (default 1.0)")
+g.add_argument("--data", choices=("digits", "mnist"), default="digits",
+               help="digits: scikit-learn's digits, offline (default); mnist: torchvision MNIST from --data-root")
+g.add_argument("--data-root", default=None, help="folder holding torchvision's MNIST/ (with --data mnist)")
+g.add_argument("--download", action="store_true", help="download MNIST into --data-root if it is missing")
+g.add_argument("--n-train", type=int, default=0, help="use at most this many training digits (0 = all)")
+g.add_argument("--train-renders", type=int, default=2, help="coloured copies of each training digit (default 2)")
+g.add_argument("--test-renders", type=int, default=3, help="coloured copies of each test digit (default 3)")
+common.add_common_args(parser, steps=600, teacher_steps=1500, lr=0.02, teacher_lr=0.05, teacher_width=32, student_width=16)
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_digits(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grey digits in [0, 1] as [N, 28, 28] with labels: (train_x, train_y, test_x, test_y)."""
+    if args.data == "digits":
+        from sklearn.datasets import load_digits as sklearn_digits
+        digits = sklearn_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
+        y = torch.tensor(digits.target, dtype=torch.long)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # fixed split for all seeds
+        n_test = len(y) * 3 // 10
+        test, train = perm[:n_test], perm[n_test:]
+        return x[train], y[train], x[test], y[test]
+    if not args.data_root:
+        raise common.UserError("--data mnist needs --data-root DIR (the folder that holds MNIST/, or where to --download it)")
+    if not os.path.isdir(args.data_root) and not args.download:
+        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of MNIST or add --download")
+    from torchvision.datasets import MNIST
+    try:
+        train = MNIST(args.data_root, train=True, download=args.download)
+        test = MNIST(args.data_root, train=False, download=args.download)
+    except Exception as e:  # torchvision raises RuntimeError for missing files, others for corrupt ones
+        raise common.UserError(f"cannot read MNIST from {args.data_root}: {str(e).splitlines()[0]} (expected "
+                               f"{os.path.join(args.data_root, 'MNIST', 'raw')}/*-ubyte[.gz], or add --download)")
+    return train.data.float() / 255, train.targets.long(), test.data.float() / 255, test.targets.long()
+
+
+def palette() -> torch.Tensor:
+    """One saturated hue per class, [10, 3]."""
+    return torch.tensor([colorsys.hsv_to_rgb(k / NUM_CLASSES, 1.0, 1.0) for k in range(NUM_CLASSES)])
+
+
+def render(digits: torch.Tensor, labels: torch.Tensor, config: str, frac: float, renders: int,
+           mean_digit: torch.Tensor, generator: torch.Generator) -> common.TensorSet:
+    """Colour `renders` copies of each digit as the configuration says; returns [N, 3, 28, 28]."""
+    roles = common.parse_config(config, MECHANISMS)
+    idx = torch.arange(len(digits)).repeat(renders)
+    n = len(idx)
+    y = labels[idx] if roles["I"] == "label" else torch.randint(NUM_CLASSES, (n,), generator=generator)
+    shape = digits[idx] if roles["I"] != "absent" else mean_digit.expand(n, -1, -1)
+    colours = palette()
+    if roles["A"] == "label":
+        colour = colours[common.spurious_values(y, frac, NUM_CLASSES, generator)]
+    elif roles["A"] == "random":
+        colour = colours[torch.randint(NUM_CLASSES, (n,), generator=generator)]
+    else:
+        colour = colours.mean(0).expand(n, 3)  # grey
+    return common.TensorSet(shape[:, None] * colour[:, :, None, None], y)
+
+
+def main():
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.teacher_steps, args.n_train = min(args.steps, 20), min(args.teacher_steps, 40), args.n_train or 300
+        args.train_renders, args.test_renders, args.eval_every = 1, 1, 10
+    common.check_common_args(args)
+    common.check_fraction(args.spurious_frac, "--spurious-frac")
+    for config in (args.teacher_config, args.student_config):
+        common.parse_config(config, MECHANISMS)
+    if min(args.train_renders, args.test_renders) < 1 or args.n_train < 0:
+        raise common.UserError("--train-renders and --test-renders must be at least 1, --n-train at least 0")
+    device = common.resolve_device(args.device)
+    out_path = common.prepare_output(args.out or common.default_out(EXPERIMENT, args))
+    common.seed_everything(args.seed)
+    t0 = time.perf_counter()
+
+    train_x, train_y, test_x, test_y = load_digits(args)
+    if args.n_train:
+        train_x, train_y = train_x[:args.n_train], train_y[:args.n_train]
+        test_x, test_y = test_x[:max(args.n_train // 3, 100)], test_y[:max(args.n_train // 3, 100)]
+    mean_digit = train_x.mean(0)
+    gen = torch.Generator().manual_seed(args.seed)
+    teacher_train = render(train_x, train_y, args.teacher_config, args.spurious_frac, args.train_renders, mean_digit, gen)
+    student_train = render(train_x, train_y, args.student_config, args.spurious_frac, args.train_renders, mean_digit, gen)
+    test_gen = torch.Generator().manual_seed(12345)  # the same test sets for every seed
+    cf_sets = {name: render(test_x, test_y, name, 1.0, args.test_renders, mean_digit, test_gen) for name in TEST_CONFIGS}
+    print(f"data: {args.data}, {len(train_y)} training digits x {args.train_renders}, "
+          f"test sets of {len(cf_sets['I'].y)}; teacher on {args.teacher_config}, student on {args.student_config}")
+
+    # ------------------------------------------------------------------------- teacher
+    def build_teacher():
+        return common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width)
+
+    def train_teacher(model):
+        return common.train_teacher(model, teacher_train, steps=args.teacher_steps, batch_size=args.batch_size,
+                                    lr=args.teacher_lr, device=device, seed=args.seed)
+
+    teacher_key = {"experiment": EXPERIMENT, "data": args.data, "n_train": args.n_train, "config": args.teacher_config,
+                   "spurious_frac": args.spurious_frac, "train_renders": args.train_renders, "arch": args.arch,
+                   "width": args.teacher_width, "steps": args.teacher_steps, "batch_size": args.batch_size,
+                   "lr": args.teacher_lr, "seed": args.seed, "device": device.type}
+    t_teacher = time.perf_counter()
+    teacher, cached = common.load_or_train_teacher(teacher_key, build_teacher, train_teacher, args.cache_dir, device,
+                                                    retrain=args.retrain_teacher)
+    teacher_s = 0.0 if cached else time.perf_counter() - t_teacher
+
+    # ------------------------------------------------------------------------- student
+    common.seed_everything(args.seed + 1)
+    student = common.build_model(args.arch, 3, NUM_CLASSES, args.student_width)
+    run = common.distill(student, teacher, student_train, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
+                         lr=args.lr, device=device, seed=args.seed, alpha=args.alpha, temperature=args.temperature,
+                         t2_scale=not args.no_t2, jacobian_method=args.jacobian_method, top_k=args.top_k,
+                         estimator=args.jacobian_estimator, projections=args.projections,
+                         contrastive_temperature=args.contrastive_temperature, cf_sets=cf_sets,
+                         eval_every=args.eval_every or max(args.steps // 10, 1))
+
+    # ------------------------------------------------------------------------- evaluate and save
+    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, run, cached, teacher_s)
+    result["timing"]["total_s"] = time.perf_counter() - t0
+    common.print_table(result["teacher"]["eval"], result["student"]["eval"])
+    common.write_result(out_path, result)
+    print(f"result: {out_path}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,194 @@
+"""The losses and metrics of common.py against naive or hand computations."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def naive_jacobian(model, x, create_graph):
+    """d logits / d x per sample, one autograd call per class: [B, C, D]."""
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    rows = [torch.autograd.grad(logits[:, c].sum(), x, create_graph=create_graph, retain_graph=True)[0]
+            for c in range(logits.shape[1])]
+    return torch.stack(rows, 1).flatten(2)
+
+
+def naive_loss(student, teacher, x, rows=None):
+    js = naive_jacobian(student, x, True)
+    jt = naive_jacobian(teacher, x, False).detach()
+    if rows is not None:  # [B, K] class indices per sample
+        js = js[torch.arange(len(x))[:, None], rows]
+        jt = jt[torch.arange(len(x))[:, None], rows]
+    js, jt = js.flatten(1), jt.flatten(1)
+    js = js / (js.norm(dim=1, keepdim=True) + 1e-8)
+    jt = jt / (jt.norm(dim=1, keepdim=True) + 1e-8)
+    return (jt - js).norm(dim=1).mean()
+
+
+def grads(loss, module):
+    params = list(module.parameters())
+    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+def models():
+    """Pairs of (student, teacher) without BatchNorm: CNNs of two widths and a tanh MLP."""
+    torch.manual_seed(0)
+    mlp = lambda: nn.Sequential(nn.Flatten(), nn.Linear(2 * 5 * 5, 16), nn.Tanh(), nn.Linear(16, 7))
+    return [(common.SmallCNN(2, 7, 4), common.freeze(common.SmallCNN(2, 7, 6))),
+            (mlp(), common.freeze(mlp()))]
+
+
+@pytest.mark.parametrize("method", ["loop", "batched", "vmap", "auto"])
+@pytest.mark.parametrize("pair", range(2))
+def test_jacobian_loss_matches_naive_loop(method, pair):
+    student, teacher = models()[pair]
+    x = torch.rand(6, 2, 5, 5) if pair == 1 else torch.rand(6, 2, 12, 12)
+    expected = naive_loss(student, teacher, x)
+    got = common.jacobian_loss(student, teacher, x, method=method)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    got_grads = grads(got, student)
+    for g_got, g_exp in zip(got_grads, grads(expected, student)):
+        assert torch.allclose(g_got, g_exp, atol=1e-5, rtol=1e-4)
+    assert sum(g.abs().sum() for g in got_grads) > 0  # the student side is differentiable
+
+
+def test_jacobian_top_k_matches_naive_rows():
+    student, teacher = models()[0]
+    x = torch.rand(5, 2, 12, 12)
+    top = teacher(x).topk(3, dim=1).indices
+    expected = naive_loss(student, teacher, x, rows=top)
+    got = common.jacobian_loss(student, teacher, x, top_k=3)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert got.item() != pytest.approx(common.jacobian_loss(student, teacher, x).item(), abs=1e-4)
+
+
+def test_jacobian_loss_zero_for_a_copy_of_the_teacher():
+    _, teacher = models()[0]
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    x = torch.rand(4, 2, 12, 12)
+    loss = common.jacobian_loss(student, teacher, x)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert all(torch.isfinite(g).all() for g in grads(loss, student))  # no NaN from the norm at 0
+
+
+def test_projected_rows_are_projections_of_the_full_jacobian():
+    student, _ = models()[0]
+    x = torch.rand(3, 2, 12, 12)
+    full = naive_jacobian(student, x, False)  # [B, C, D]
+    v = common.projection_selectors(4, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(1))
+    _, rows = common.input_jacobian(student, x, v, create_graph=False)
+    assert torch.allclose(rows, torch.einsum("kbc,bcd->bkd", v, full), atol=1e-5)
+    # E ||V J||^2 = ||J||^2 with the 1/sqrt(K) scaling: check on many draws
+    v = common.projection_selectors(2000, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(2))
+    ratio = torch.einsum("kbc,bcd->bkd", v, full).pow(2).sum((1, 2)) / full.pow(2).sum((1, 2))
+    assert torch.allclose(ratio, torch.ones(3), atol=0.1)
+
+
+def test_kd_kl_against_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    T = 2.0
+
+    def softmax(z):
+        e = np.exp(z - z.max())
+        return e / e.sum()
+    hand = np.mean([np.sum(softmax(ti / T) * (np.log(softmax(ti / T)) - np.log(softmax(si / T))))
+                    for si, ti in zip(s.numpy(), t.numpy())])
+    assert common.kd_kl(s, t, T, t2_scale=False).item() == pytest.approx(hand, rel=1e-5)
+    assert common.kd_kl(s, t, T, t2_scale=True).item() == pytest.approx(hand * T * T, rel=1e-5)
+    assert common.kd_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_info_nce_lower_for_aligned_features():
+    torch.manual_seed(0)
+    heads = common.ContrastiveHeads(16, 16, dim=16)
+    with torch.no_grad():
+        heads.student.weight.copy_(torch.eye(16)), heads.teacher.weight.copy_(torch.eye(16))
+        heads.student.bias.zero_(), heads.teacher.bias.zero_()
+    teacher_features = torch.randn(32, 16)
+    aligned = common.info_nce(teacher_features + 0.01 * torch.randn(32, 16), teacher_features, heads)
+    shuffled = common.info_nce(teacher_features[torch.randperm(32)], teacher_features, heads)
+    assert aligned.item() < 0.5 * shuffled.item()
+    assert aligned.item() >= 0.0
+    # the heads get gradients (they are trained with the student)
+    common.info_nce(torch.randn(8, 16), torch.randn(8, 16), heads).backward()
+    assert heads.student.weight.grad.abs().sum() > 0 and heads.teacher.weight.grad.abs().sum() > 0
+
+
+def test_pair_metrics_by_hand():
+    y = torch.tensor([0, 1, 2, 1])
+    teacher = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0], [5.0, 0, 0]])
+    student = torch.tensor([[4.0, 0, 0], [0, 0, 4.0], [0, 4.0, 0], [4.0, 0, 0]])
+    group = torch.tensor([0, 0, 1, 1])
+    m = common.pair_metrics(student, teacher, y, group)
+    assert m["acc"] == pytest.approx(0.25)          # only sample 0 is right
+    assert m["agreement"] == pytest.approx(0.75)    # samples 0, 2, 3 agree with the teacher
+    hand_kl = np.mean([F.kl_div(F.log_softmax(s, 0), F.log_softmax(t, 0), log_target=True, reduction="sum").item()
+                       for s, t in zip(student, teacher)])
+    assert m["kl"] == pytest.approx(hand_kl, rel=1e-5)
+    assert m["groups"] == {"0": 0.5, "1": 0.0}
+    assert m["worst_group_acc"] == 0.0 and m["avg_acc"] == pytest.approx(0.25)
+    assert m["group_agreement"] == {"0": 0.5, "1": 1.0}
+
+
+def test_parse_config():
+    assert common.parse_config("IA", "IA") == {"I": "label", "A": "label"}
+    assert common.parse_config("I+rA", "IA") == {"I": "label", "A": "random"}
+    assert common.parse_config("rI+A", "IA") == {"I": "random", "A": "label"}
+    assert common.parse_config("A", "IAB") == {"I": "absent", "A": "label", "B": "absent"}
+    for bad in ("IB", "rA", "II", "I+", "", "ia"):
+        with pytest.raises(common.UserError):
+            common.parse_config(bad, "IA")
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 0.95, 1.0])
+def test_spurious_values_exact_fraction(frac):
+    y = torch.randint(10, (1000,), generator=torch.Generator().manual_seed(0))
+    cue = common.spurious_values(y, frac, 10, torch.Generator().manual_seed(1))
+    assert (cue == y).sum().item() == round(frac * 1000)
+    assert cue.min() >= 0 and cue.max() < 10
+
+
+def test_nan_loss_stops_with_a_message():
+    class NaNNet(common.SmallCNN):
+        def forward(self, x):
+            return super().forward(x) * math.nan
+    teacher = common.freeze(common.SmallCNN(3, 10, 4))
+    train = common.TensorSet(torch.rand(16, 3, 8, 8), torch.randint(10, (16,)))
+    with pytest.raises(common.UserError, match="NaN|nan"):
+        common.distill(NaNNet(3, 10, 4), teacher, train, loss="kl", steps=3, batch_size=8, lr=1e-3,
+                       device=torch.device("cpu"), seed=0)
+
+
+def test_distill_keeps_teacher_frozen_and_trains_heads(monkeypatch):
+    created = []
+
+    class SpyHeads(common.ContrastiveHeads):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(copy.deepcopy(self.state_dict()))
+    monkeypatch.setattr(common, "ContrastiveHeads", SpyHeads)
+    torch.manual_seed(0)
+    teacher = common.SmallCNN(3, 10, 4)
+    teacher.train()
+    before = copy.deepcopy(teacher.state_dict())
+    student = common.SmallCNN(3, 10, 4)
+    train = common.TensorSet(torch.rand(32, 3, 8, 8), torch.randint(10, (32,)))
+    run = common.distill(student, teacher, train, loss="contrastive", steps=4, batch_size=8, lr=1e-2,
+                         device=torch.device("cpu"), seed=0)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert len(created) == 1  # created once, not at every step
+    trained = run["heads"].state_dict()
+    assert not torch.equal(created[0]["student.weight"], trained["student.weight"])
+    assert not torch.equal(created[0]["teacher.weight"], trained["teacher.weight"])
