@@ -277,6 +277,9 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, c
     """
     x = x.detach().requires_grad_(True)
     if method == "vmap":
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+            raise UserError("--jacobian-method vmap cannot differentiate a model with BatchNorm in training "
+                            "mode (torch.func forbids the running-statistics update); use loop or batched")
         logits, vjp_fn = torch.func.vjp(model, x)
         (rows,) = torch.func.vmap(vjp_fn)(selectors)
         if not create_graph:
@@ -385,6 +388,11 @@ def evaluate_student(student: nn.Module, cf_sets: dict[str, TensorSet],
 
 # ----------------------------------------------------------------------------- training
 
+def to_device(data: TensorSet, device: torch.device) -> TensorSet:
+    """The whole data set on the device, once: batches are then index operations there."""
+    return TensorSet(*(None if t is None else t.to(device) for t in data))
+
+
 def _progress(total: int, desc: str):
     """A progress bar on a terminal; silent in logs (evaluation lines are printed instead)."""
     try:
@@ -430,12 +438,13 @@ def train_teacher(model: nn.Module, train: TensorSet, *, steps: int, batch_size:
                   device: torch.device, seed: int) -> nn.Module:
     """Cross-entropy training with a cosine schedule; returns the model frozen in eval mode."""
     model.to(device).train()
+    train = to_device(train, device)
     opt, sched = _optimizer(model.parameters(), lr, steps)
     gen = torch.Generator().manual_seed(seed)
     with _progress(steps, "teacher") as bar:
         for step, idx in enumerate(_batches(len(train.y), batch_size, steps, gen), 1):
-            x, y = train.x[idx].to(device), train.y[idx].to(device)
-            loss = F.cross_entropy(model(x), y)
+            idx = idx.to(device)
+            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
             _check_finite(loss, step, "teacher")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -470,13 +479,55 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, *, need_jacobian: bool,
     return out
 
 
+def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict, *, loss: str,
+                           alpha: float = 0.5, temperature: float = 4.0, t2_scale: bool = True,
+                           jacobian_method: str = "loop", top_k: Optional[int] = None, estimator: str = "exact",
+                           projections: int = 1, contrastive_temperature: float = 0.1,
+                           heads: Optional[ContrastiveHeads] = None,
+                           generator: Optional[torch.Generator] = None) -> Callable[..., torch.Tensor]:
+    """The training loss of one batch, as a function objective(x, y, idx) -> scalar.
+
+    `targets` holds the teacher's precomputed outputs on the training set (teacher_targets);
+    `idx` are the batch's rows in it. Where the teacher's Jacobians did not fit in memory they
+    are computed per batch, without a graph.
+    """
+    def kl_plus(s_logits, idx, aux):
+        return (1 - alpha) * kd_kl(s_logits, targets["logits"][idx], temperature, t2_scale) + alpha * aux
+
+    def objective(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if loss == "ce":
+            return F.cross_entropy(student(x), y)
+        if loss == "kl":
+            return kd_kl(student(x), targets["logits"][idx], temperature, t2_scale)
+        if loss == "contrastive":
+            feats = student.features(x)
+            aux = info_nce(feats, targets["features"][idx], heads, contrastive_temperature)
+            return kl_plus(student.classifier(feats), idx, aux)
+        num_classes = targets["logits"].shape[1]
+        if estimator == "projection":
+            sel = projection_selectors(projections, len(x), num_classes, x.device, generator)
+        else:
+            top = targets["logits"][idx].topk(top_k, 1).indices if top_k and top_k < num_classes else None
+            sel = class_selectors(num_classes, len(x), x.device, top)
+        s_logits, s_jac = input_jacobian(student, x, sel, create_graph=True, method=jacobian_method)
+        if "jacobian" not in targets:  # too large to precompute: run the teacher on this batch
+            t_jac = input_jacobian(teacher, x, sel, create_graph=False, method=jacobian_method)[1]
+        elif estimator == "projection":  # project the precomputed full Jacobian
+            t_jac = torch.einsum("kbc,bcd->bkd", sel, targets["jacobian"][idx])
+        else:
+            t_jac = targets["jacobian"][idx]
+        return kl_plus(s_logits, idx, jacobian_distance(s_jac, t_jac))
+
+    return objective
+
+
 def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: str, steps: int,
             batch_size: int, lr: float, device: torch.device, seed: int, alpha: float = 0.5,
             temperature: float = 4.0, t2_scale: bool = True, jacobian_method: str = "auto",
             top_k: Optional[int] = None, estimator: str = "exact", projections: int = 1,
             contrastive_temperature: float = 0.1, cf_sets: Optional[dict[str, TensorSet]] = None,
             eval_every: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Train `student` against a frozen `teacher` on `train`; returns curves and timing.
+    """Train `student` against a frozen `teacher` on `train`; returns curves, heads and timing.
 
     loss: `ce` (labels only, no teacher), `kl`, `jacobian` ((1 - alpha) KL + alpha Jacobian
     distance) or `contrastive` ((1 - alpha) KL + alpha InfoNCE through trained projection heads).
@@ -491,49 +542,31 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: s
     freeze(teacher.to(device))
     student.to(device).train()
     t_start = time.perf_counter()
-    targets = teacher_targets(teacher, train.x, need_jacobian=(loss == "jacobian"),
-                              top_k=None if estimator == "projection" else top_k, method=jacobian_method) if loss != "ce" else {}
+    train = to_device(train, device)
+    targets = {}
+    if loss != "ce":
+        targets = teacher_targets(teacher, train.x, need_jacobian=(loss == "jacobian"), method=jacobian_method,
+                                  top_k=None if estimator == "projection" else top_k)
     params = list(student.parameters())
     heads = None
     if loss == "contrastive":
         heads = ContrastiveHeads(student.feature_dim, teacher.feature_dim).to(device)
         params += list(heads.parameters())  # the heads are trained with the student
     opt, sched = _optimizer(params, lr, steps, "adam")
-    gen = torch.Generator().manual_seed(seed)
-    proj_gen = torch.Generator(device=device).manual_seed(seed)
-    num_classes = targets["logits"].shape[1] if targets else None
+    objective = distillation_objective(
+        student, teacher, targets, loss=loss, alpha=alpha, temperature=temperature, t2_scale=t2_scale,
+        jacobian_method=jacobian_method, top_k=top_k, estimator=estimator, projections=projections,
+        contrastive_temperature=contrastive_temperature, heads=heads,
+        generator=torch.Generator(device=device).manual_seed(seed))
     teacher_eval = {name: predict(teacher, s.x).cpu() for name, s in (cf_sets or {}).items()}
+    batch_gen = torch.Generator().manual_seed(seed)
     curves: list[dict] = []
     t_prep = time.perf_counter() - t_start
     t_train = time.perf_counter()
     with _progress(steps, f"student ({loss})") as bar:
-        for step, idx in enumerate(_batches(len(train.y), batch_size, steps, gen), 1):
-            x, y = train.x[idx].to(device), train.y[idx].to(device)
-            if loss == "ce":
-                total = F.cross_entropy(student(x), y)
-            else:
-                t_logits = targets["logits"][idx].to(device)
-                if loss == "kl":
-                    total = kd_kl(student(x), t_logits, temperature, t2_scale)
-                elif loss == "contrastive":
-                    feats = student.features(x)
-                    aux = info_nce(feats, targets["features"][idx].to(device), heads, contrastive_temperature)
-                    total = (1 - alpha) * kd_kl(student.classifier(feats), t_logits, temperature, t2_scale) + alpha * aux
-                else:
-                    if estimator == "projection":
-                        sel = projection_selectors(projections, len(x), num_classes, device, proj_gen)
-                    else:
-                        top = t_logits.topk(top_k, 1).indices if top_k is not None and top_k < num_classes else None
-                        sel = class_selectors(num_classes, len(x), device, top)
-                    s_logits, s_jac = input_jacobian(student, x, sel, create_graph=True, method=jacobian_method)
-                    if "jacobian" not in targets:  # too large to precompute: run the teacher
-                        t_jac = input_jacobian(teacher, x, sel, create_graph=False, method=jacobian_method)[1]
-                    elif estimator == "projection":  # project the precomputed full Jacobian
-                        t_jac = torch.einsum("kbc,bcd->bkd", sel, targets["jacobian"][idx].to(device))
-                    else:
-                        t_jac = targets["jacobian"][idx].to(device)
-                    aux = jacobian_distance(s_jac, t_jac)
-                    total = (1 - alpha) * kd_kl(s_logits, t_logits, temperature, t2_scale) + alpha * aux
+        for step, idx in enumerate(_batches(len(train.y), batch_size, steps, batch_gen), 1):
+            idx = idx.to(device)
+            total = objective(train.x[idx], train.y[idx], idx)
             _check_finite(total, step, "distillation")
             opt.zero_grad(set_to_none=True)
             total.backward()
