@@ -1,0 +1,402 @@
+"""Read a folder of result JSON files, group runs that differ only by seed, and summarise them.
+
+Every figure and table of `analysis/` goes through this file, so that they all agree on what a
+run is, which runs belong together, and how mean, spread and confidence intervals are computed.
+
+A *cell* is (experiment, method, teacher configuration, student configuration); its runs differ
+only by seed. The *method* is the loss, plus the settings that tell two variants of the same loss
+apart when a folder holds both (e.g. `kl [temperature=1.0]` and `kl [temperature=4.0]`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from common import UserError, parse_config  # noqa: E402
+
+LOSS_ORDER = ("ce", "kl", "jacobian", "contrastive")
+CATEGORIES = ("similarity", "teacher", "student", "neither", "other")
+# Flags that say where or how a run was executed, not what was trained: runs that differ only in
+# these (and the seed) are repeats of the same cell.
+BOOKKEEPING = {"seed", "out", "cache_dir", "retrain_teacher", "download", "data_root", "device", "smoke",
+               "eval_every", "jacobian_method", "teacher_config", "student_config", "loss"}
+CONFIG_RE = re.compile(r"^r?[A-Z]+(\+r?[A-Z]+)*$")
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class Run:
+    """One result JSON, flattened: metrics are {test set: {metric: value}}, nested keys joined by '.'."""
+    path: str
+    experiment: str
+    teacher: str
+    student: str
+    loss: str
+    seed: int
+    settings: dict
+    student_eval: dict
+    teacher_eval: dict
+    curves: list = field(default_factory=list)  # [(step, {test set: {metric: value}})]
+    method: str = ""
+
+
+class BadResult(ValueError):
+    """A JSON file that is not (or no longer) a complete result of this project."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def _eval_block(block, what: str) -> dict[str, dict[str, float]]:
+    if not isinstance(block, dict) or not block or not all(isinstance(m, dict) for m in block.values()):
+        raise BadResult(f"{what} is missing or not {{test set: metrics}}")
+    return {name: _flatten(m) for name, m in block.items()}
+
+
+def parse_result(data, path: str = "") -> Run:
+    """Check that `data` is a result of ours and flatten it; BadResult says what is wrong."""
+    if not isinstance(data, dict):
+        raise BadResult("not a JSON object")
+    missing = [k for k in ("experiment", "config", "student", "teacher") if k not in data]
+    if missing:
+        raise BadResult(f"no {', '.join(missing)} key (not a result of an exp_*.py script)")
+    config = data["config"]
+    if not isinstance(config, dict) or not isinstance(data["experiment"], str):
+        raise BadResult("'experiment' or 'config' has the wrong type")
+    for key in ("teacher_config", "student_config", "loss", "seed"):
+        if key not in config:
+            raise BadResult(f"config has no '{key}'")
+    if not isinstance(config["seed"], int):
+        raise BadResult("config.seed is not an integer")
+    student, teacher = data["student"], data["teacher"]
+    if not isinstance(student, dict) or not isinstance(teacher, dict):
+        raise BadResult("'student' or 'teacher' is not an object")
+    s_eval = _eval_block(student.get("eval"), "student.eval")
+    t_eval = _eval_block(teacher.get("eval"), "teacher.eval")
+    if not any(s_eval.values()):
+        raise BadResult("student.eval holds no numbers")
+    curves = []
+    for point in student.get("curves") or []:
+        if isinstance(point, dict) and isinstance(point.get("step"), int) and isinstance(point.get("eval"), dict):
+            curves.append((point["step"], {n: _flatten(m) for n, m in point["eval"].items() if isinstance(m, dict)}))
+    settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
+    return Run(path, data["experiment"], str(config["teacher_config"]), str(config["student_config"]),
+               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves)
+
+
+def _assign_methods(runs: list[Run]) -> None:
+    """Method = loss, plus the settings that take several values within one (teacher, student, loss)."""
+    by_cell: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_cell.setdefault((r.experiment, r.teacher, r.student, r.loss), []).append(r)
+    varying = set()
+    for cell_runs in by_cell.values():
+        for key in set().union(*(r.settings for r in cell_runs)):
+            if len({json.dumps(r.settings.get(key)) for r in cell_runs}) > 1:
+                varying.add(key)
+    for r in runs:
+        extra = ", ".join(f"{k}={r.settings.get(k)}" for k in sorted(varying))
+        r.method = f"{r.loss} [{extra}]" if extra else r.loss
+
+
+def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[Run]:
+    """All result JSON files under `folder` (recursively). Files that are not results of ours, or
+    are truncated, are skipped with one warning that counts them; no usable file is a UserError."""
+    if not os.path.isdir(folder):
+        raise UserError(f"results folder {folder} does not exist; pass the folder the experiments wrote to")
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+                   if f.endswith(".json") and not f.startswith("."))
+    if not paths:
+        raise UserError(f"no result JSON files in {folder}; run an exp_*.py script with --out {folder}/NAME.json "
+                        f"or analysis/grid.py --results {folder} first")
+    runs, skipped, seen = [], [], {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            run = parse_result(data, path)
+        except (OSError, UnicodeDecodeError) as e:
+            skipped.append((path, f"unreadable ({e.__class__.__name__})"))
+            continue
+        except ValueError as e:  # json.JSONDecodeError and BadResult
+            reason = str(e) if isinstance(e, BadResult) else "not valid JSON (truncated?)"
+            skipped.append((path, reason))
+            continue
+        runs.append(run)
+    _assign_methods(runs)
+    unique = []
+    for r in runs:
+        key = (r.experiment, r.method, r.teacher, r.student, r.seed)
+        if key in seen:
+            skipped.append((r.path, f"repeats {seen[key]} (same experiment, settings and seed)"))
+            continue
+        seen[key] = r.path
+        unique.append(r)
+    if skipped:
+        lines = [f"warning: skipped {len(skipped)} of {len(paths)} JSON files in {folder}:"]
+        lines += [f"  {os.path.relpath(p, folder)}: {why}" for p, why in skipped[:10]]
+        if len(skipped) > 10:
+            lines.append(f"  ... and {len(skipped) - 10} more")
+        warn("\n".join(lines))
+    if not unique:
+        raise UserError(f"none of the {len(paths)} JSON files in {folder} is a result of this project "
+                        f"(see the warning above)")
+    return unique
+
+
+LOSS_SPECIFIC = {"alpha", "temperature", "no_t2", "jacobian_estimator", "projections", "top_k", "contrastive_temperature"}
+
+
+def confounders(runs: Iterable[Run]) -> dict[str, list]:
+    """Settings (other than loss-specific ones) that differ between the runs of one experiment:
+    the figures would then compare more than teacher, student and loss (e.g. a script's default
+    learning rate that changed halfway through a grid)."""
+    values: dict[str, set] = {}
+    for r in runs:
+        for k, v in r.settings.items():
+            if k not in LOSS_SPECIFIC:
+                values.setdefault(k, set()).add(json.dumps(v))
+    return {k: sorted(json.loads(x) for x in v) for k, v in values.items() if len(v) > 1}
+
+
+def warn_confounders(runs: list[Run], warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+    """One warning per experiment whose runs differ in a setting that is not the loss's own."""
+    for exp in experiments(runs):
+        exp_runs = select(runs, experiment=exp)
+        parts = []
+        for key, vals in confounders(exp_runs).items():
+            who = [f"{v} ({', '.join(methods([r for r in exp_runs if r.settings.get(key) == v]))})" for v in vals]
+            parts.append(f"{key} = {' vs '.join(who)}")
+        if parts:
+            warn(f"warning: the {exp} runs differ in more than teacher, student, loss and seed: {'; '.join(parts)}. "
+                 f"Figures that compare them mix these settings; delete the odd JSON files and rerun the grid")
+
+
+# ----------------------------------------------------------------------------- structure of a set of runs
+
+def experiments(runs: Iterable[Run]) -> list[str]:
+    return sorted({r.experiment for r in runs})
+
+
+def select(runs: Iterable[Run], **where) -> list[Run]:
+    """Runs whose attributes equal the given values, e.g. select(runs, experiment='x', method='kl')."""
+    return [r for r in runs if all(getattr(r, k) == v for k, v in where.items())]
+
+
+def methods(runs: Iterable[Run]) -> list[str]:
+    """Methods in the conventional order ce, kl, jacobian, contrastive (variants after their loss)."""
+    found = {(r.loss, r.method) for r in runs}
+    rank = {loss: i for i, loss in enumerate(LOSS_ORDER)}
+    return [m for _, m in sorted(found, key=lambda lm: (rank.get(lm[0], len(rank)), lm[1]))]
+
+
+def test_sets(runs: Iterable[Run]) -> list[str]:
+    """Test sets in the order the scripts wrote them."""
+    names: list[str] = []
+    for r in runs:
+        names += [n for n in r.student_eval if n not in names]
+    return names
+
+
+def metrics(runs: Iterable[Run]) -> list[str]:
+    """Student metrics present in the runs, plus teacher metrics as `teacher_<name>`."""
+    found: list[str] = []
+    for r in runs:
+        for per_set in r.student_eval.values():
+            found += [m for m in per_set if m not in found]
+        for per_set in r.teacher_eval.values():
+            found += [f"teacher_{m}" for m in per_set if f"teacher_{m}" not in found]
+    return found
+
+
+def value(run: Run, test_set: str, metric: str) -> Optional[float]:
+    """One number of one run, None where the run lacks it."""
+    if metric.startswith("teacher_"):
+        return run.teacher_eval.get(test_set, {}).get(metric[len("teacher_"):])
+    return run.student_eval.get(test_set, {}).get(metric)
+
+
+def mechanism_letters(runs: Iterable[Run]) -> str:
+    """The mechanisms of an experiment, read from the configuration names its runs use."""
+    names = set()
+    for r in runs:
+        names |= {r.teacher, r.student, *r.student_eval}
+    letters = {c for n in names if CONFIG_RE.match(n) for c in n if c.isupper()}
+    return "".join(sorted(letters, key=lambda c: ("IABCDEFGH".find(c) % 100, c)))
+
+
+def label_mechanisms(config: str, letters: str) -> Optional[frozenset]:
+    """The mechanisms that carry the label in a configuration (`I+rA` -> {I}); None when the name is
+    not a configuration (e.g. a test set called `minority`)."""
+    if not CONFIG_RE.match(config):
+        return None
+    try:
+        roles = parse_config(config, letters)
+    except UserError:
+        return None
+    return frozenset(m for m, role in roles.items() if role == "label")
+
+
+def config_order(names: Iterable[str], letters: str) -> list[str]:
+    """Configurations ordered as the paper's heatmaps: single mechanisms, then pairs, ...; names
+    that are not configurations go last."""
+    def key(name):
+        label = label_mechanisms(name, letters)
+        if label is None:
+            return (99, [], len(name), name)
+        return (len(label), sorted(letters.index(c) for c in label), len(name), name)
+    return sorted(set(names), key=key)
+
+
+# ----------------------------------------------------------------------------- categories
+
+def category(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
+    """Category of a (teacher, student, test set) cell (PAPER.md), from the label-carrying mechanisms
+    T, S, K of the three configurations (randomised mechanisms do not count):
+
+      similarity  K is inside both S and T
+      teacher     K is inside T, shares nothing with S, and S and T share a mechanism
+      student     K is inside S, shares nothing with T, and S and T share a mechanism
+      neither     S and T share no mechanism (whatever K is)
+      other       everything else (e.g. K partly in S only and partly in both)
+
+    None when one of the three names is not a configuration.
+    """
+    t, s, k = (label_mechanisms(n, letters) for n in (teacher, student, test_set))
+    if t is None or s is None or k is None:
+        return None
+    if not s & t:
+        return "neither"
+    if k <= s & t:
+        return "similarity"
+    if k <= t and not k & s:
+        return "teacher"
+    if k <= s and not k & t:
+        return "student"
+    return "other"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@dataclass
+class Stat:
+    """Mean, sample standard deviation (ddof=1) and 95 % Student-t confidence interval over n values.
+    With n = 1 the spread is unknown: std, lo and hi are NaN."""
+    mean: float
+    std: float
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.hi - self.lo) / 2
+
+
+def summarize(values: Iterable[float], confidence: float = 0.95) -> Stat:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    n = len(v)
+    if n == 0:
+        return Stat(math.nan, math.nan, math.nan, math.nan, 0)
+    mean = float(v.mean())
+    if n == 1:
+        return Stat(mean, math.nan, math.nan, math.nan, 1)
+    std = float(v.std(ddof=1))
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return Stat(mean, std, mean - half, mean + half, n)
+
+
+def cell_stat(runs: list[Run], test_set: str, metric: str) -> Stat:
+    """Summary over the seeds of runs that form one cell."""
+    return summarize(value(r, test_set, metric) for r in runs)
+
+
+def paired_difference(runs_a: list[Run], runs_b: list[Run], test_set: str, metric: str) -> Stat:
+    """a - b over the seeds both have (a seed shares its data and teacher across losses, so the
+    difference is paired); without common seeds, the difference of the means with unknown spread."""
+    a = {r.seed: value(r, test_set, metric) for r in runs_a}
+    b = {r.seed: value(r, test_set, metric) for r in runs_b}
+    common = sorted(s for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None)
+    if common:
+        return summarize(a[s] - b[s] for s in common)
+    ma, mb = cell_stat(runs_a, test_set, metric).mean, cell_stat(runs_b, test_set, metric).mean
+    return Stat(ma - mb, math.nan, math.nan, math.nan, 0 if math.isnan(ma - mb) else 1)
+
+
+def curve_stats(runs: list[Run], test_set: str, metric: str) -> tuple[list[int], list[Stat]]:
+    """Steps that every run evaluated, and the summary over seeds at each of them."""
+    per_run = [{step: m.get(test_set, {}).get(metric) for step, m in r.curves} for r in runs]
+    per_run = [{s: v for s, v in c.items() if v is not None} for c in per_run if c]
+    if not per_run:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in per_run)))
+    return steps, [summarize(c[s] for c in per_run) for s in steps]
+
+
+def group_cells(runs: Iterable[Run]) -> dict[tuple, list[Run]]:
+    """{(experiment, method, teacher, student): runs over seeds}."""
+    cells: dict[tuple, list[Run]] = {}
+    for r in runs:
+        cells.setdefault((r.experiment, r.method, r.teacher, r.student), []).append(r)
+    return cells
+
+
+def aggregate(runs: list[Run], metric: str) -> list[dict]:
+    """One row per (experiment, method, teacher, student, test set) with the statistics of `metric`
+    over seeds and the cell's category."""
+    rows = []
+    for exp in experiments(runs):
+        exp_runs = select(runs, experiment=exp)
+        letters = mechanism_letters(exp_runs)
+        sets = test_sets(exp_runs)
+        cells = group_cells(exp_runs)
+        for method in methods(exp_runs):
+            for teacher in config_order({r.teacher for r in exp_runs}, letters):
+                for student in config_order({r.student for r in exp_runs}, letters):
+                    cell = cells.get((exp, method, teacher, student))
+                    if not cell:
+                        continue
+                    for test in sets:
+                        st = cell_stat(cell, test, metric)
+                        if st.n == 0:
+                            continue
+                        rows.append({"experiment": exp, "method": method, "teacher": teacher, "student": student,
+                                     "test_set": test, "category": category(teacher, student, test, letters),
+                                     "metric": metric, "mean": st.mean, "std": st.std, "ci_lo": st.lo,
+                                     "ci_hi": st.hi, "n": st.n, "seeds": sorted(r.seed for r in cell)})
+    return rows
+
+
+def category_summary(rows: list[dict]) -> list[dict]:
+    """Mean over the (teacher, student, test set) cells of each category, per experiment and method,
+    with the spread across cells (each cell's value is already its mean over seeds)."""
+    out = []
+    for exp in sorted({r["experiment"] for r in rows}):
+        exp_rows = [r for r in rows if r["experiment"] == exp]
+        for method in dict.fromkeys(r["method"] for r in exp_rows):
+            for cat in CATEGORIES:
+                vals = [r["mean"] for r in exp_rows if r["method"] == method and r["category"] == cat]
+                if vals:
+                    st = summarize(vals)
+                    out.append({"experiment": exp, "method": method, "category": cat, "metric": exp_rows[0]["metric"],
+                                "mean": st.mean, "std": st.std, "ci_lo": st.lo, "ci_hi": st.hi, "cells": st.n})
+    return out

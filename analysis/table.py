@@ -1,0 +1,119 @@
+"""Print the numbers behind the figures as a Markdown, plain-text or CSV table.
+
+    python analysis/table.py results/grid --metric acc                  # every cell, one column per loss
+    python analysis/table.py results/grid --metric acc --by category    # the paper's category summary
+
+Entries are mean ± std over seeds (per cell) or over cells (per category), with the 95 % Student-t
+confidence interval in brackets when there are at least two values; n is the number of seeds
+(or cells).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from common import UserError, run_cli  # noqa: E402
+from analysis import results as R  # noqa: E402
+
+
+def entry(row: dict, digits: int = 3, ci: bool = True) -> str:
+    """'0.912 ± 0.013 [0.795, 1.029]' or '0.912 (n=1)' when the spread is unknown."""
+    if math.isnan(row["std"]):
+        return f"{row['mean']:.{digits}f} (n=1)"
+    text = f"{row['mean']:.{digits}f} ± {row['std']:.{digits}f}"
+    return text + (f" [{row['ci_lo']:.{digits}f}, {row['ci_hi']:.{digits}f}]" if ci else "")
+
+
+def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+        return buf.getvalue()
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    fmt_row = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, rows)]) + "\n"
+
+
+def cell_table(rows: list[dict], methods: list[str], fmt: str, ci: bool) -> str:
+    """One line per (teacher, student, test set), one column per method."""
+    keys = list(dict.fromkeys((r["teacher"], r["student"], r["test_set"]) for r in rows))
+    by = {(r["teacher"], r["student"], r["test_set"], r["method"]): r for r in rows}
+    cat = {(r["teacher"], r["student"], r["test_set"]): r["category"] or "-" for r in rows}
+    raw = fmt == "csv"
+    header = ["teacher", "student", "test set", "category", *methods] + (["n"] if not raw else [])
+    lines = []
+    for k in keys:
+        cells = [by.get((*k, m)) for m in methods]
+        if raw:
+            vals = [f"{c['mean']:.6g}" if c else "" for c in cells]
+        else:
+            vals = [entry(c, ci=ci) if c else "-" for c in cells]
+            vals.append("/".join(sorted({str(c["n"]) for c in cells if c})))
+        lines.append([*k, cat[k], *vals])
+    return render(header, lines, fmt)
+
+
+def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool) -> str:
+    """One line per category, one column per method: mean over the cells of the category."""
+    summary = R.category_summary([r for r in rows if r["category"]])
+    if not summary:
+        raise UserError("no cell has a category: the test sets are not named as configurations (e.g. I, IA, I+rA)")
+    by = {(s["category"], s["method"]): s for s in summary}
+    header = ["category", *methods, "cells"]
+    lines = []
+    for cat in R.CATEGORIES:
+        cells = [by.get((cat, m)) for m in methods]
+        if not any(cells):
+            continue
+        vals = [(f"{c['mean']:.6g}" if fmt == "csv" else entry(c, ci=ci)) if c else "-" for c in cells]
+        lines.append([cat, *vals, str(max(c["cells"] for c in cells if c))])
+    return render(header, lines, fmt)
+
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+parser.add_argument("results", help="folder of result JSON files (searched recursively)")
+parser.add_argument("--metric", default="acc", help="acc, kl, agreement, worst_group_acc, teacher_acc, ... (default acc)")
+parser.add_argument("--by", choices=("cell", "category"), default="cell", help="rows per cell or per category (default cell)")
+parser.add_argument("--format", choices=("md", "text", "csv"), default="md", help="output format (default md)")
+parser.add_argument("--no-ci", action="store_true", help="leave the confidence intervals out")
+parser.add_argument("--experiment", default=None, help="only this experiment (default: every one, one table each)")
+
+
+def main() -> None:
+    args = parser.parse_args()
+    runs = R.load_results(args.results)
+    R.warn_confounders(runs)
+    exps = R.experiments(runs)
+    if args.experiment:
+        if args.experiment not in exps:
+            raise UserError(f"no results of experiment '{args.experiment}' in {args.results}; it has {', '.join(exps)}")
+        exps = [args.experiment]
+    for exp in exps:
+        exp_runs = R.select(runs, experiment=exp)
+        if args.metric not in R.metrics(exp_runs):
+            raise UserError(f"{exp} has no metric '{args.metric}'; it has {', '.join(R.metrics(exp_runs))}")
+        rows = R.aggregate(exp_runs, args.metric)
+        methods = R.methods(exp_runs)
+        if args.format != "csv":
+            what = "mean over cells" if args.by == "category" else "mean over seeds"
+            print(f"{'### ' if args.format == 'md' else ''}{exp}: {args.metric} ({what}, ± std"
+                  f"{'' if args.no_ci else ', [95% CI]'})\n")
+        table = category_table if args.by == "category" else cell_table
+        print(table(rows, methods, args.format, not args.no_ci))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `table.py ... | head` ends quietly
+    run_cli(main)

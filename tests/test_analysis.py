@@ -1,0 +1,484 @@
+"""analysis/: statistics, categories, loading bad folders, the grid runner (resume, locks, SLURM) and figures."""
+import fcntl
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from analysis import figures, grid, table
+from analysis import results as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def result(experiment="toy", teacher="IA", student="IA", loss="kl", seed=0, evals=None, groups=False, curves=True,
+           **config):
+    """A result JSON as the exp_*.py scripts write it, with chosen numbers."""
+    evals = evals or {"I": 0.5, "A": 0.5}
+    student_eval, teacher_eval = {}, {}
+    for name, acc in evals.items():
+        m = {"acc": acc, "kl": 1 - acc, "agreement": acc}
+        if groups:
+            m.update({"groups": {"0": acc, "1": acc / 2}, "avg_acc": 0.75 * acc, "worst_group_acc": acc / 2,
+                      "group_agreement": {"0": 1.0, "1": 0.5}})
+        student_eval[name] = m
+        teacher_eval[name] = {"acc": 0.9}
+    cfg = {"teacher_config": teacher, "student_config": student, "loss": loss, "seed": seed, "alpha": 0.5,
+           "temperature": 4.0, "steps": 10, "out": f"/somewhere/{seed}.json", "cache_dir": "c", **config}
+    pts = [{"step": s, "loss": 0.1, "eval": {n: {"acc": a * s / 10, "kl": 1.0, "agreement": a} for n, a in evals.items()}}
+           for s in (5, 10)] if curves else []
+    return {"experiment": experiment, "config": cfg, "env": {}, "teacher": {"cached": True, "eval": teacher_eval},
+            "student": {"eval": student_eval, "curves": pts}, "test_sizes": {n: 10 for n in evals}, "timing": {}}
+
+
+def write(folder, name, data):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def run_script(script, *args, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "analysis", script), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run figures.py or table.py in this process (as run_cli would): (returncode, stdout, stderr)."""
+    def run(script, *args):
+        module = {"figures.py": figures, "table.py": table}[script]
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        code = 0
+        try:
+            figures.run_cli(module.main)
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_summarize_mean_std_ci_by_hand():
+    st = R.summarize([1.0, 2.0, 3.0])
+    assert st.n == 3 and st.mean == pytest.approx(2.0) and st.std == pytest.approx(1.0)  # ddof=1
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, df=2) from a t table
+    assert (st.lo, st.hi) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    two = R.summarize([0.6, 0.8])
+    assert two.std == pytest.approx(math.sqrt(0.02)) and two.half_width == pytest.approx(12.706204736 * 0.1)
+
+
+def test_summarize_single_and_empty_give_no_spread():
+    one = R.summarize([0.7])
+    assert one.n == 1 and one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.lo) and math.isnan(one.hi)
+    none = R.summarize([])
+    assert none.n == 0 and math.isnan(none.mean)
+
+
+def test_aggregate_groups_seeds_and_separates_cells(tmp_path):
+    for seed, acc in ((0, 0.6), (1, 0.8)):
+        write(tmp_path, f"kl{seed}.json", result(seed=seed, evals={"I": acc, "A": 0.1}))
+        write(tmp_path, f"jac{seed}.json", result(loss="jacobian", seed=seed, evals={"I": acc + 0.1, "A": 0.2}))
+    write(tmp_path, "other.json", result(teacher="I", seed=0, evals={"I": 0.3, "A": 0.3}))
+    runs = R.load_results(str(tmp_path))
+    rows = {(r["method"], r["teacher"], r["test_set"]): r for r in R.aggregate(runs, "acc")}
+    kl = rows[("kl", "IA", "I")]
+    assert kl["n"] == 2 and kl["seeds"] == [0, 1]
+    assert kl["mean"] == pytest.approx(0.7) and kl["std"] == pytest.approx(math.sqrt(0.02))
+    assert rows[("jacobian", "IA", "I")]["mean"] == pytest.approx(0.8)
+    assert rows[("kl", "I", "I")]["n"] == 1 and math.isnan(rows[("kl", "I", "I")]["std"])
+    diff = R.paired_difference(R.select(runs, method="jacobian", teacher="IA"), R.select(runs, method="kl", teacher="IA"),
+                               "A", "acc")
+    assert diff.mean == pytest.approx(0.1) and diff.std == pytest.approx(0.0, abs=1e-12) and diff.n == 2
+
+
+def test_variants_of_one_loss_become_separate_methods(tmp_path):
+    write(tmp_path, "a.json", result(temperature=1.0))
+    write(tmp_path, "b.json", result(temperature=4.0))
+    write(tmp_path, "c.json", result(loss="jacobian", alpha=0.2))  # alone in its cell: no variant label
+    runs = R.load_results(str(tmp_path))
+    assert R.methods(runs) == ["kl [temperature=1.0]", "kl [temperature=4.0]", "jacobian [temperature=4.0]"]
+
+
+def test_curve_stats_over_seeds(tmp_path):
+    for seed, acc in ((0, 0.4), (1, 0.6)):
+        write(tmp_path, f"{seed}.json", result(seed=seed, evals={"I": acc}))
+    steps, st = R.curve_stats(R.load_results(str(tmp_path)), "I", "acc")
+    assert steps == [5, 10]
+    assert [s.mean for s in st] == [pytest.approx(0.25), pytest.approx(0.5)]
+
+
+# ----------------------------------------------------------------------------- categories
+
+@pytest.mark.parametrize("teacher, student, test, letters, expected", [
+    ("IA", "IA", "I", "IA", "similarity"),      # I is in both S and T
+    ("IA", "IA", "IA", "IA", "similarity"),
+    ("IA", "I", "A", "IA", "teacher"),          # A only in T, S and T share I
+    ("I", "IA", "A", "IA", "student"),          # A only in S, S and T share I
+    ("I", "A", "I", "IA", "neither"),           # S and T share nothing
+    ("A", "I", "IA", "IA", "neither"),
+    ("IA", "I", "IA", "IA", "other"),           # K partly in both, partly only in T
+    ("IA", "IA", "I+rA", "IA", "similarity"),   # randomised A carries no label: K = {I}
+    ("IA", "I", "rI+A", "IA", "teacher"),       # K = {A}
+    ("I+rA", "IA", "A", "IA", "student"),       # the teacher's random colour is not a mechanism of T
+    ("I+rA", "IA", "I", "IA", "similarity"),
+    ("IA", "IB", "A", "IAB", "teacher"),
+    ("IA", "IB", "B", "IAB", "student"),
+    ("IA", "IB", "AB", "IAB", "other"),         # A only in T, B only in S
+    ("IAB", "IA", "B", "IAB", "teacher"),
+    ("IA", "IA", "minority", "IA", None),       # not a configuration: no category
+])
+def test_category_by_hand(teacher, student, test, letters, expected):
+    assert R.category(teacher, student, test, letters) == expected
+
+
+def test_mechanism_letters_and_config_order(tmp_path):
+    write(tmp_path, "a.json", result(teacher="I+rA", student="IA", evals={"I": 0.5, "rI+A": 0.5, "minority": 0.1}))
+    runs = R.load_results(str(tmp_path))
+    assert R.mechanism_letters(runs) == "IA"
+    assert R.config_order(["IA", "minority", "A", "I+rA", "I"], "IA") == ["I", "I+rA", "A", "IA", "minority"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_and_empty_folders_are_user_errors(tmp_path):
+    with pytest.raises(R.UserError, match="does not exist"):
+        R.load_results(str(tmp_path / "nope"))
+    with pytest.raises(R.UserError, match="no result JSON files"):
+        R.load_results(str(tmp_path))
+
+
+def test_foreign_and_truncated_files_are_skipped_and_counted(tmp_path):
+    good = json.dumps(result())
+    write(tmp_path, "good.json", good)
+    write(tmp_path, "truncated.json", good[: len(good) // 2])
+    write(tmp_path, "foreign.json", {"name": "package.json of something else"})
+    write(tmp_path, "list.json", [1, 2])
+    write(tmp_path, "noeval.json", {**result(), "student": {"eval": {}}})
+    write(tmp_path / "copy", "good.json", good)  # the same run twice
+    warnings = []
+    runs = R.load_results(str(tmp_path), warn=warnings.append)
+    assert len(runs) == 1
+    assert len(warnings) == 1 and "skipped 5 of 6" in warnings[0]
+    assert "truncated.json: not valid JSON" in warnings[0] and "foreign.json: no experiment" in warnings[0]
+
+
+def test_only_foreign_files_is_a_user_error(tmp_path):
+    write(tmp_path, "x.json", {"hello": 1})
+    with pytest.raises(R.UserError, match="none of the 1 JSON files"):
+        R.load_results(str(tmp_path), warn=lambda m: None)
+
+
+@pytest.mark.parametrize("script", ["figures.py", "table.py"])
+def test_cli_bad_folders_give_one_line_no_traceback(tmp_path, script, cli):
+    empty = run_script(script, tmp_path, *(["--out", tmp_path / "f"] if script == "figures.py" else []))
+    assert empty.returncode == 2 and empty.stderr.startswith("error: no result JSON files")
+    assert "Traceback" not in empty.stderr
+    write(tmp_path, "x.json", "{broken")
+    broken = cli(script, tmp_path)
+    assert broken.returncode == 2 and "skipped 1 of 1" in broken.stderr and "Traceback" not in broken.stderr
+    assert not (tmp_path / "f").exists() or not os.listdir(tmp_path / "f")  # no blank figures
+
+
+def test_cli_unknown_metric_and_experiment(tmp_path, cli):
+    write(tmp_path, "a.json", result())
+    r = cli("table.py", tmp_path, "--metric", "bleu")
+    assert r.returncode == 2 and "has no metric 'bleu'" in r.stderr and "acc" in r.stderr
+    r = cli("figures.py", tmp_path, "--experiment", "nope", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "no results of experiment 'nope'" in r.stderr
+
+
+# ----------------------------------------------------------------------------- figures and tables
+
+def grid_results(folder, experiment="toy", groups=False, seeds=(0, 1)):
+    for t in ("I", "A", "IA"):
+        for s in ("I", "IA"):
+            for loss in ("kl", "jacobian"):
+                for seed in seeds:
+                    acc = 0.5 + 0.1 * seed + (0.1 if loss == "jacobian" else 0)
+                    write(folder, f"{experiment}_{t}_{s}_{loss}_{seed}.json",
+                          result(experiment, t, s, loss, seed, {"I": acc, "A": acc / 2, "I+rA": acc / 3}, groups=groups))
+
+
+def figure_args(folder, out, *extra):
+    return figures.parser.parse_args([str(folder), "--out", str(out), *extra])
+
+
+def test_figures_of_a_grid_are_written_and_not_empty(tmp_path):
+    grid_results(tmp_path / "r")
+    os.makedirs(tmp_path / "f")
+    written = []
+    runs = R.load_results(str(tmp_path / "r"))
+    figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--metrics", "acc", "kl"), written)
+    names = {os.path.basename(p) for p in written}
+    assert "toy_bars_I_IA.png" in names and "toy_curves_IA_I.png" in names
+    assert {f"toy_heatmap_{m}_{l}.png" for m in ("acc", "kl") for l in ("kl", "jacobian")} <= names
+    assert {f"toy_diff_{m}_jacobian-minus-kl.png" for m in ("acc", "kl")} <= names
+    assert {f"toy_categories_{m}.png" for m in ("acc", "kl")} <= names
+    assert not any("agreement" in n for n in names)
+    for p in written:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(p) > 5000
+
+
+def test_figures_cli_mixed_experiments_groups_and_single_seed(tmp_path, cli):
+    grid_results(tmp_path / "r", "toy")
+    grid_results(tmp_path / "r", "birds", groups=True, seeds=(0,))
+    r = cli("figures.py", tmp_path / "r", "--out", tmp_path / "f", "--pair", "IA/IA", "--kinds", "bars", "heatmap",
+            "--methods", "kl")
+    assert r.returncode == 0, r.stderr
+    assert "holds 2 experiments (birds, toy): drawing each separately" in r.stdout
+    files = os.listdir(tmp_path / "f")
+    assert "birds_groups_IA_IA.png" in files and "birds_heatmap_worst_group_acc_kl.png" in files
+    assert "toy_bars_IA_IA.png" in files and "toy_bars_I_IA.png" not in files  # --pair chose one
+    assert all(os.path.getsize(tmp_path / "f" / n) > 5000 for n in files)
+
+
+def test_single_pair_has_bars_but_no_heatmaps(tmp_path, cli):
+    write(tmp_path / "r", "a.json", result(evals={"I": 0.6, "IA": 0.9}))
+    r = cli("figures.py", tmp_path / "r", "--out", tmp_path / "f")
+    assert r.returncode == 0, r.stderr
+    assert "one (teacher, student) pair only" in r.stdout
+    assert sorted(os.listdir(tmp_path / "f")) == ["toy_bars_IA_IA.png", "toy_curves_IA_IA.png"]
+
+
+def test_tables_markdown_by_cell_and_category(tmp_path, cli):
+    grid_results(tmp_path)
+    r = cli("table.py", tmp_path, "--metric", "acc")
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("| IA | I | I |"))
+    half = 12.706204736 * math.sqrt(0.005) / math.sqrt(2)  # std of (0.5, 0.6) is sqrt(0.005)
+    assert f"0.550 ± 0.071 [{0.55 - half:.3f}, {0.55 + half:.3f}]" in line and "similarity" in line
+    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv")
+    rows = [l.split(",") for l in r.stdout.splitlines()]
+    assert rows[0] == ["category", "kl", "jacobian", "cells"]
+    cats = {row[0]: row for row in rows[1:]}
+    # teacher category: T=IA, S=I, K=A -> every cell's mean over seeds is 0.55/2 for kl
+    assert float(cats["teacher"][1]) == pytest.approx(0.275)
+    assert {"similarity", "teacher", "student", "neither"} <= set(cats)
+
+
+# ----------------------------------------------------------------------------- grid runner: cells
+
+def test_all_configs_and_cell_order():
+    assert grid.all_configs("IA") == ["I", "A", "IA"]
+    assert grid.all_configs("IAB") == ["I", "A", "B", "IA", "IB", "AB", "IAB"]
+    cells = grid.make_cells(["I", "A"], ["I", "A"], ["kl", "jacobian"], [0, 1])
+    assert len(cells) == 16 and len(set(cells)) == 16
+    assert {(c.teacher, c.seed) for c in cells[:4]} == {("I", 0), ("I", 1), ("A", 0), ("A", 1)}  # teachers first
+    assert [c.loss for c in cells[4:]] == sorted((c.loss for c in cells[4:]), key=grid.COST_ORDER.index)
+
+
+def test_array_spec():
+    assert grid.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert grid.array_spec([3]) == "3"
+
+
+FAKE = r'''
+import argparse, json, os, sys, time
+p = argparse.ArgumentParser()
+for f in ("--teacher-config", "--student-config", "--loss", "--out", "--cache-dir"):
+    p.add_argument(f)
+p.add_argument("--seed", type=int)
+p.add_argument("--steps", type=int, default=1)
+a = p.parse_args()
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(os.path.basename(a.out) + "\n")
+if os.environ.get("FAKE_BAD_FLAGS"):
+    print("error: --steps must be at least 1", file=sys.stderr); sys.exit(2)
+if a.teacher_config == os.environ.get("FAKE_BLOCK_TEACHER"):
+    open(os.environ["FAKE_STARTED"], "a").close()
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("interrupted: no result was written", file=sys.stderr); sys.exit(130)
+    sys.exit(1)
+if a.teacher_config == os.environ.get("FAKE_FAIL_TEACHER"):
+    print("boom", file=sys.stderr); sys.exit(1)
+m = {"I": {"acc": 0.5, "kl": 0.1, "agreement": 0.5}}
+cfg = {"teacher_config": a.teacher_config, "student_config": a.student_config, "loss": a.loss, "seed": a.seed,
+       "steps": a.steps}
+with open(a.out, "w") as f:
+    json.dump({"experiment": "fake", "config": cfg, "teacher": {"eval": {"I": {"acc": 0.9}}},
+               "student": {"eval": m, "curves": []}}, f)
+'''
+
+
+@pytest.fixture
+def fake(tmp_path):
+    script = tmp_path / "exp_fake.py"
+    script.write_text(FAKE)
+    env = dict(os.environ, FAKE_LOG=str(tmp_path / "calls.log"))
+
+    def run_grid(*extra, env_extra=None, **kw):
+        cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(script), "--teachers", "I", "A",
+               "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--results", str(tmp_path / "res"),
+               "--cache-dir", str(tmp_path / "cache"), "--workers", "2", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, **(env_extra or {})}, **kw)
+
+    def calls():
+        path = tmp_path / "calls.log"
+        return sorted(path.read_text().split()) if path.exists() else []
+
+    return run_grid, calls, tmp_path, env
+
+
+def test_grid_runs_missing_cells_only(fake):
+    run_grid, calls, tmp_path, _ = fake
+    write(tmp_path / "res", "I_IA_kl_seed0.json", result())
+    r = run_grid("--", "--steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert "4 cells, 1 done already, running 3" in r.stdout
+    assert calls() == ["A_IA_ce_seed0.json", "A_IA_kl_seed0.json", "I_IA_ce_seed0.json"]
+    with open(tmp_path / "res" / "A_IA_kl_seed0.json") as f:
+        assert json.load(f)["config"]["steps"] == 3  # arguments after -- reach the script
+    again = run_grid("--", "--steps", "3")
+    assert again.returncode == 0 and "nothing to run" in again.stdout and len(calls()) == 3
+
+
+def test_grid_failed_cells_are_reported_and_rerun(fake):
+    run_grid, calls, tmp_path, _ = fake
+    r = run_grid(env_extra={"FAKE_FAIL_TEACHER": "A"})
+    assert r.returncode == 1
+    assert "FAILED A_IA_kl_seed0" in r.stdout and "boom" in r.stdout
+    assert sorted(os.listdir(tmp_path / "res")) == ["I_IA_ce_seed0.json", "I_IA_kl_seed0.json", "logs"]
+    r = run_grid()
+    assert r.returncode == 0 and "2 done already, running 2" in r.stdout
+    assert calls().count("A_IA_kl_seed0.json") == 2 and calls().count("I_IA_kl_seed0.json") == 1
+
+
+def test_grid_stops_when_the_script_rejects_its_flags(fake):
+    run_grid, calls, _, _ = fake
+    r = run_grid(env_extra={"FAKE_BAD_FLAGS": "1"})
+    assert r.returncode == 1 and "rejected its arguments" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_grid_interrupt_then_resume(fake):
+    run_grid, calls, tmp_path, env = fake
+    started = tmp_path / "started"
+    cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(tmp_path / "exp_fake.py"), "--teachers", "I",
+           "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--results", str(tmp_path / "res"),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "FAKE_BLOCK_TEACHER": "A", "FAKE_STARTED": str(started)})
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert started.exists()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while a cell of teacher A runs
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun the same command" in err and "Traceback" not in err
+    done = {n for n in os.listdir(tmp_path / "res") if n.endswith(".json")}
+    assert all(n.startswith("I_") for n in done) and len(done) <= 2  # the interrupted cell wrote nothing
+    before = len(calls())
+    r = run_grid()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{len(done)} done already, running {4 - len(done)}" in r.stdout
+    assert len(calls()) - before == 4 - len(done)
+    assert len([n for n in os.listdir(tmp_path / "res") if n.endswith(".json")]) == 4
+
+
+def test_grid_skips_a_cell_another_runner_holds(fake):
+    run_grid, calls, tmp_path, _ = fake
+    os.makedirs(tmp_path / "res" / "logs")
+    with open(tmp_path / "res" / "logs" / "A_IA_kl_seed0.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = run_grid()
+    assert "busy   A_IA_kl_seed0" in r.stdout and "A_IA_kl_seed0.json" not in calls()
+    assert len(calls()) == 3
+
+
+def test_grid_bad_arguments(fake):
+    run_grid, _, tmp_path, _ = fake
+    r = run_grid("--", "--seed", "3")
+    assert r.returncode == 2 and r.stderr.startswith("error: --seed is set by the grid")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "grid.py"), "nope.py", "--mechanisms", "IA"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "nope.py not found" in r.stderr
+    r = run_grid("--teachers", "I", "x y")
+    assert r.returncode == 2 and "'x y' is not a configuration" in r.stderr
+
+
+# ----------------------------------------------------------------------------- grid runner: SLURM
+
+SBATCH_OPTIONS = {"job-name", "array", "ntasks", "cpus-per-task", "mem", "time", "output", "partition", "gres"}
+
+
+def test_slurm_script_is_valid_sbatch_input(fake):
+    run_grid, calls, tmp_path, env = fake
+    write(tmp_path / "res", "I_IA_kl_seed0.json", result())
+    r = run_grid("--slurm", str(tmp_path / "grid.sbatch"), "--slurm-partition", "gpu", "--slurm-gpus", "1",
+                 "--slurm-max-parallel", "2", "--", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "3 array tasks" in r.stdout and not calls()  # writing the script runs nothing
+    text = (tmp_path / "grid.sbatch").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    first_command = next(i for i, l in enumerate(lines) if l and not l.startswith("#"))
+    directives = [l for l in lines if l.startswith("#SBATCH")]
+    assert all(lines.index(d) < first_command for d in directives)  # sbatch stops reading at the first command
+    opts = {}
+    for d in directives:
+        m = re.fullmatch(r"#SBATCH --([a-z-]+)=(\S+)", d)
+        assert m, d
+        opts[m.group(1)] = m.group(2)
+    assert set(opts) <= SBATCH_OPTIONS and opts["partition"] == "gpu" and opts["gres"] == "gpu:1"
+    assert re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?", opts["array"])
+    assert re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", opts["time"]) and re.fullmatch(r"\d+[KMGT]?", opts["mem"])
+    assert os.path.isdir(os.path.dirname(opts["output"]))  # sbatch does not create it
+    cells = grid.make_cells(["I", "A"], ["IA"], ["kl", "ce"], [0])
+    done_index = [c.name for c in cells].index("I_IA_kl_seed0")
+    todo = sorted(set(range(4)) - {done_index})
+    assert opts["array"] == grid.array_spec(todo) + "%2"
+    assert subprocess.run(["bash", "-n", str(tmp_path / "grid.sbatch")]).returncode == 0
+    # run one array task the way SLURM would: it must run exactly its cell
+    task = todo[0]
+    r = subprocess.run(["bash", str(tmp_path / "grid.sbatch")], capture_output=True, text=True, timeout=60,
+                       env={**env, "SLURM_ARRAY_TASK_ID": str(task)})
+    assert r.returncode == 0, r.stderr
+    assert calls() == [f"{cells[task].name}.json"]
+    with open(tmp_path / "res" / f"{cells[task].name}.json") as f:
+        assert json.load(f)["config"]["steps"] == 2
+    r = subprocess.run(["bash", str(tmp_path / "grid.sbatch")], capture_output=True, text=True, timeout=60,
+                       env={**env, "SLURM_ARRAY_TASK_ID": str(done_index)})
+    assert r.returncode == 0 and "done already" in r.stdout and len(calls()) == 1
+
+
+# ----------------------------------------------------------------------------- with the real script
+
+def test_grid_with_the_real_script_trains_each_teacher_once(tmp_path):
+    """Two workers, two cells that need the same teacher: the cache lock makes one train it and
+    the other load it."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "grid.py"), os.path.join(ROOT, "exp_colored_mnist.py"),
+                        "--teachers", "IA", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--workers", "2",
+                        "--results", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"),
+                        "--", "--smoke", "--n-train", "100", "--steps", "5", "--teacher-steps", "10"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    logs = [(tmp_path / "res" / "logs" / f"IA_IA_{l}_seed0.log").read_text() for l in ("kl", "ce")]
+    assert sum("teacher: training" in log for log in logs) == 1
+    assert sum("teacher: loaded from cache" in log for log in logs) == 1
+    assert len(R.load_results(str(tmp_path / "res"))) == 2
+
+
+def test_runs_that_differ_in_a_shared_setting_are_flagged(tmp_path):
+    write(tmp_path, "a.json", result(loss="kl", lr=0.001))
+    write(tmp_path, "b.json", result(loss="jacobian", lr=0.02, alpha=0.2))  # alpha is the loss's own: fine
+    runs = R.load_results(str(tmp_path))
+    assert R.confounders(runs) == {"lr": [0.001, 0.02]}
+    warnings = []
+    R.warn_confounders(runs, warnings.append)
+    assert len(warnings) == 1 and "lr = 0.001 (kl) vs 0.02 (jacobian)" in warnings[0]
+    write(tmp_path, "b.json", result(loss="jacobian", lr=0.001, alpha=0.2))
+    assert R.confounders(R.load_results(str(tmp_path))) == {}
