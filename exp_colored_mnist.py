@@ -54,7 +54,7 @@ g.add_argument("--download", action="store_true", help="download MNIST into --da
 g.add_argument("--n-train", type=int, default=0, help="use at most this many training digits (0 = all)")
 g.add_argument("--train-renders", type=int, default=2, help="coloured copies of each training digit (default 2)")
 g.add_argument("--test-renders", type=int, default=3, help="coloured copies of each test digit (default 3)")
-common.add_common_args(parser, steps=600, teacher_steps=1500, lr=0.02, teacher_lr=0.05, teacher_width=32, student_width=16)
+common.add_common_args(parser, steps=600, teacher_steps=1500, lr=1e-3, teacher_lr=0.05, teacher_width=32, student_width=16)
 
 
 # ----------------------------------------------------------------------------- data
@@ -138,31 +138,16 @@ def main():
           f"test sets of {len(cf_sets['I'].y)}; teacher on {args.teacher_config}, student on {args.student_config}")
 
     # ------------------------------------------------------------------------- teacher
-    def build_teacher():
-        return common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width)
-
-    def train_teacher(model):
-        return common.train_teacher(model, teacher_train, steps=args.teacher_steps, batch_size=args.batch_size,
-                                    lr=args.teacher_lr, device=device, seed=args.seed)
-
-    teacher_key = {"experiment": EXPERIMENT, "data": args.data, "n_train": args.n_train, "config": args.teacher_config,
-                   "spurious_frac": args.spurious_frac, "train_renders": args.train_renders, "arch": args.arch,
-                   "width": args.teacher_width, "steps": args.teacher_steps, "batch_size": args.batch_size,
-                   "lr": args.teacher_lr, "seed": args.seed, "device": device.type}
-    t_teacher = time.perf_counter()
-    teacher, cached = common.load_or_train_teacher(teacher_key, build_teacher, train_teacher, args.cache_dir, device,
-                                                    retrain=args.retrain_teacher)
-    teacher_s = 0.0 if cached else time.perf_counter() - t_teacher
+    teacher, cached, teacher_s = common.get_teacher(
+        args, device, build=lambda: common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width),
+        train=teacher_train, data_key={"experiment": EXPERIMENT, "data": args.data, "n_train": args.n_train,
+                                       "config": args.teacher_config, "spurious_frac": args.spurious_frac,
+                                       "train_renders": args.train_renders})
 
     # ------------------------------------------------------------------------- student
     common.seed_everything(args.seed + 1)
     student = common.build_model(args.arch, 3, NUM_CLASSES, args.student_width)
-    run = common.distill(student, teacher, student_train, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
-                         lr=args.lr, device=device, seed=args.seed, alpha=args.alpha, temperature=args.temperature,
-                         t2_scale=not args.no_t2, jacobian_method=args.jacobian_method, top_k=args.top_k,
-                         estimator=args.jacobian_estimator, projections=args.projections,
-                         contrastive_temperature=args.contrastive_temperature, cf_sets=cf_sets,
-                         eval_every=args.eval_every or max(args.steps // 10, 1))
+    run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
 
     # ------------------------------------------------------------------------- evaluate and save
     result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, run, cached, teacher_s)
