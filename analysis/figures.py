@@ -380,14 +380,8 @@ parser.add_argument("--error", choices=("std", "ci"), default="std",
 
 def main() -> None:
     args = parser.parse_args()
-    runs = R.load_results(args.results)
-    R.warn_confounders(runs)
-    exps = R.experiments(runs)
-    if args.experiment:
-        if args.experiment not in exps:
-            raise UserError(f"no results of experiment '{args.experiment}' in {args.results}; it has {', '.join(exps)}")
-        exps = [args.experiment]
-    elif len(exps) > 1:
+    runs, exps = R.load_for_cli(args.results, args.experiment)
+    if len(exps) > 1:
         print(f"{args.results} holds {len(exps)} experiments ({', '.join(exps)}): drawing each separately")
     try:
         os.makedirs(args.out, exist_ok=True)

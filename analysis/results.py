@@ -197,6 +197,19 @@ def experiments(runs: Iterable[Run]) -> list[str]:
     return sorted({r.experiment for r in runs})
 
 
+
+def load_for_cli(folder: str, experiment: Optional[str]) -> tuple[list[Run], list[str]]:
+    """What the command-line tools start from: the runs of a folder (with warnings about
+    confounded settings) and the experiments to draw, limited to `experiment` when given."""
+    runs = load_results(folder)
+    warn_confounders(runs)
+    exps = experiments(runs)
+    if experiment:
+        if experiment not in exps:
+            raise UserError(f"no results of experiment '{experiment}' in {folder}; it has {', '.join(exps)}")
+        exps = [experiment]
+    return runs, exps
+
 def select(runs: Iterable[Run], **where) -> list[Run]:
     """Runs whose attributes equal the given values, e.g. select(runs, experiment='x', method='kl')."""
     return [r for r in runs if all(getattr(r, k) == v for k, v in where.items())]

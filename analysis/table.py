@@ -93,13 +93,7 @@ parser.add_argument("--experiment", default=None, help="only this experiment (de
 
 def main() -> None:
     args = parser.parse_args()
-    runs = R.load_results(args.results)
-    R.warn_confounders(runs)
-    exps = R.experiments(runs)
-    if args.experiment:
-        if args.experiment not in exps:
-            raise UserError(f"no results of experiment '{args.experiment}' in {args.results}; it has {', '.join(exps)}")
-        exps = [args.experiment]
+    runs, exps = R.load_for_cli(args.results, args.experiment)
     for exp in exps:
         exp_runs = R.select(runs, experiment=exp)
         if args.metric not in R.metrics(exp_runs):
