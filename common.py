@@ -6,6 +6,7 @@ everything else. Read `README.md` for the vocabulary (mechanisms I/A/B, configur
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -116,6 +117,19 @@ def spurious_values(y: torch.Tensor, frac: float, num_values: int, generator: to
     carries[torch.randperm(n, generator=generator)[:round(frac * n)]] = True
     other = (y + torch.randint(1, num_values, (n,), generator=generator)) % num_values
     return torch.where(carries, y, other)
+
+
+def sklearn_digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 1,797 handwritten digits that ship with scikit-learn (offline), resized to size x size
+    in [0, 1], split 70/30 the same way for every seed: (train_x, train_y, test_x, test_y)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    test, train = perm[:len(y) * 3 // 10], perm[len(y) * 3 // 10:]
+    return x[train], y[train], x[test], y[test]
 
 
 def check_fraction(value: float, flag: str) -> float:
@@ -322,11 +336,9 @@ def jacobian_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, metho
     if method == "auto":
         method = default_jacobian_method(x.device)
     with torch.no_grad():
-        num_classes = teacher(x[:1]).shape[1]
-    top = None
-    if top_k is not None and top_k < num_classes:
-        with torch.no_grad():
-            top = teacher(x).topk(top_k, dim=1).indices
+        teacher_logits = teacher(x)
+    num_classes = teacher_logits.shape[1]
+    top = teacher_logits.topk(top_k, dim=1).indices if top_k is not None and top_k < num_classes else None
     selectors = class_selectors(num_classes, len(x), x.device, top)
     _, teacher_jac = input_jacobian(teacher, x, selectors, create_graph=False, method=method)
     _, student_jac = input_jacobian(student, x, selectors, create_graph=True, method=method)
@@ -638,7 +650,7 @@ def load_or_train_teacher(config: dict, build: Callable[[], nn.Module], train: C
 
 # ----------------------------------------------------------------------------- command line and results
 
-def add_common_args(parser: "argparse.ArgumentParser", *, steps: int, teacher_steps: int, lr: float, teacher_lr: float,
+def add_common_args(parser: argparse.ArgumentParser, *, steps: int, teacher_steps: int, lr: float, teacher_lr: float,
                     teacher_width: int, student_width: int) -> None:
     """The flags every experiment shares: loss, training lengths, device, output. Each script adds
     its own data flags and passes defaults that run well on a laptop CPU."""

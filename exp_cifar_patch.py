@@ -256,14 +256,7 @@ def paste_patches(x: torch.Tensor, cls: torch.Tensor, patterns, generator: torch
 def load_domino_items(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grey items for the top half, [N, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x, test_y)."""
     if args.domino_data == "digits":
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-        x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
-        y = torch.tensor(digits.target, dtype=torch.long)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # fixed split for all seeds
-        n_test = len(y) * 3 // 10
-        return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+        return common.sklearn_digits(32)
     from torchvision.datasets import MNIST, FashionMNIST
     cls, name = (FashionMNIST, "FashionMNIST") if args.domino_data == "fashionmnist" else (MNIST, "MNIST")
     try:

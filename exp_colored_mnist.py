@@ -28,7 +28,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -62,15 +61,7 @@ common.add_common_args(parser, steps=600, teacher_steps=1500, lr=1e-3, teacher_l
 def load_digits(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grey digits in [0, 1] as [N, 28, 28] with labels: (train_x, train_y, test_x, test_y)."""
     if args.data == "digits":
-        from sklearn.datasets import load_digits as sklearn_digits
-        digits = sklearn_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-        x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
-        y = torch.tensor(digits.target, dtype=torch.long)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # fixed split for all seeds
-        n_test = len(y) * 3 // 10
-        test, train = perm[:n_test], perm[n_test:]
-        return x[train], y[train], x[test], y[test]
+        return common.sklearn_digits(28)
     if not args.data_root:
         raise common.UserError("--data mnist needs --data-root DIR (the folder that holds MNIST/, or where to --download it)")
     if not os.path.isdir(args.data_root) and not args.download:

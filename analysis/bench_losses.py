@@ -11,14 +11,12 @@ precomputed once, the student's rows by `loop`, `batched` (autograd's is_grads_b
 the teacher's Jacobian recomputed at every step); and the projection estimator with K = 1 and 4.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
