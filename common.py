@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOSSES = ("ce", "kl", "jacobian", "contrastive")
-JACOBIAN_METHODS = ("auto", "loop", "batched", "vmap")
+JACOBIAN_METHODS = ("auto", "explicit", "loop", "batched", "vmap")
 
 
 # ----------------------------------------------------------------------------- errors, devices, seeds
@@ -165,6 +165,47 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def input_vjp(self, x: torch.Tensor, selectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, C] and the rows selectors[k, b] . d logits_b / d x_b, [K, B, *x.shape[1:]],
+        by a hand-written backward pass made of ordinary differentiable ops (ReLU masks,
+        max_unpool2d, convolutions), one pass per row after a single forward pass.
+
+        The rows equal autograd's. What differs is their derivative, which Jacobian matching needs
+        at every step: autograd differentiates its own convolution backward with a weight-gradient
+        formula that is slow on CPU (a convolution whose kernel is a whole feature map), while
+        here the transposed convolution is an ordinary one, whose weight gradient is fast.
+        """
+        tape = []
+        h = x
+        for layer in self.body:
+            if isinstance(layer, nn.MaxPool2d):
+                out, idx = F.max_pool2d(h, layer.kernel_size, layer.stride, return_indices=True)
+                tape.append((layer, h.shape, idx))
+            elif isinstance(layer, nn.Conv2d):  # 3x3, stride 1, padding 1: its transpose is the
+                out = layer(h)                   # convolution with the flipped, in/out-swapped kernel
+                tape.append((layer, h.shape, layer.weight.transpose(0, 1).flip(2, 3).contiguous()))
+            else:
+                out = layer(h)
+                tape.append((layer, h.shape, (out > 0).to(out.dtype) if isinstance(layer, nn.ReLU) else None))
+            h = out
+        logits = self.classifier(h)
+        rows = []
+        for sel in selectors:  # per row, not all K rows in one batch: measured faster on CPU for K = 10
+            g = sel @ self.classifier.weight
+            for layer, in_shape, saved in reversed(tape):
+                if isinstance(layer, nn.Flatten):
+                    g = g.reshape(in_shape)
+                elif isinstance(layer, nn.AdaptiveAvgPool2d):  # output size 1: the mean over the map
+                    g = g.expand(in_shape) / (in_shape[2] * in_shape[3])
+                elif isinstance(layer, nn.ReLU):
+                    g = g * saved
+                elif isinstance(layer, nn.MaxPool2d):
+                    g = F.max_unpool2d(g, saved, layer.kernel_size, layer.stride, output_size=in_shape[2:])
+                else:
+                    g = F.conv2d(g, saved, padding=layer.padding)
+            rows.append(g)
+        return logits, torch.stack(rows)
+
 
 class _BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
@@ -220,6 +261,18 @@ def build_model(arch: str, in_channels: int, num_classes: int, width: int) -> nn
     if arch == "resnet18":
         return ResNet18(in_channels, num_classes, width)
     raise UserError(f"unknown architecture '{arch}'; use cnn or resnet18")
+
+
+def he_init(model: nn.Module) -> nn.Module:
+    """He-normal conv weights and zero biases, in place. With torch's default init the SmallCNN's
+    pooled features barely vary between natural-looking images (about 1e-3), so a local shape cue is
+    not learned at all while a global one (a colour) is; the image scripts use this for their CNNs."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -282,22 +335,30 @@ def projection_selectors(num_projections: int, batch: int, num_classes: int, dev
 
 
 def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, create_graph: bool,
-                   method: str = "loop") -> tuple[torch.Tensor, torch.Tensor]:
+                   method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and the selected rows of d logits / d input: ([B, C], [B, K, D]).
 
     Row k of sample b is selectors[k, b] . d logits_b / d x_b. `loop` runs one backward pass per
-    row; `batched` uses autograd's is_grads_batched; `vmap` uses torch.func. With `create_graph`
-    the rows stay differentiable with respect to the model's parameters.
+    row; `batched` uses autograd's is_grads_batched; `vmap` uses torch.func; `explicit` the
+    model's own hand-written backward pass (SmallCNN.input_vjp); `auto` the fastest measured for
+    the model and device. With `create_graph` the rows stay differentiable with respect to the
+    model's parameters.
     """
-    x = x.detach().requires_grad_(True)
+    if method == "auto":
+        method = default_jacobian_method(x.device, model)
+    x = x.detach().requires_grad_(method != "explicit")  # explicit never differentiates with respect to x
     if method == "vmap":
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
             raise UserError("--jacobian-method vmap cannot differentiate a model with BatchNorm in training "
                             "mode (torch.func forbids the running-statistics update); use loop or batched")
         logits, vjp_fn = torch.func.vjp(model, x)
         (rows,) = torch.func.vmap(vjp_fn)(selectors)
-        if not create_graph:
-            rows, logits = rows.detach(), logits.detach()
+    elif method == "explicit":
+        if not hasattr(model, "input_vjp"):
+            raise UserError(f"--jacobian-method explicit needs the small CNN (--arch cnn), not "
+                            f"{type(model).__name__}; use loop or batched")
+        with torch.set_grad_enabled(create_graph):
+            logits, rows = model.input_vjp(x, selectors)
     else:
         with torch.enable_grad():
             logits = model(x)
@@ -309,8 +370,8 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, c
                                                         retain_graph=True)[0] for sel in selectors])
             else:
                 raise UserError(f"unknown Jacobian method '{method}'; use {', '.join(JACOBIAN_METHODS)}")
-        if not create_graph:
-            rows, logits = rows.detach(), logits.detach()
+    if not create_graph:
+        rows, logits = rows.detach(), logits.detach()
     return logits, rows.flatten(2).transpose(0, 1)
 
 
@@ -323,9 +384,12 @@ def jacobian_distance(student_jac: torch.Tensor, teacher_jac: torch.Tensor, eps:
     return torch.linalg.vector_norm(jt - js, dim=1).mean()
 
 
-def default_jacobian_method(device: torch.device) -> str:
-    """The fastest exact method measured on each device type (see analysis/bench_losses.py)."""
-    return "loop" if device.type == "cpu" else "batched"
+def default_jacobian_method(device: torch.device, model: Optional[nn.Module] = None) -> str:
+    """The fastest exact method measured for the device (analysis/bench_losses.py): on a CPU the
+    small CNN's explicit backward pass, else one backward pass per class. CUDA: `batched`."""
+    if device.type != "cpu":
+        return "batched"
+    return "explicit" if hasattr(model, "input_vjp") else "loop"
 
 
 def jacobian_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, method: str = "auto",
@@ -333,8 +397,6 @@ def jacobian_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, metho
     """Jacobian matching (Srinivas and Fleuret, 2018): batch mean of ||Jt - Js||_2 where J is the
     per-sample Jacobian of the logits with respect to the input, all classes (or the teacher's
     top-k), flattened and L2-normalised. The teacher side is computed without a graph."""
-    if method == "auto":
-        method = default_jacobian_method(x.device)
     with torch.no_grad():
         teacher_logits = teacher(x)
     num_classes = teacher_logits.shape[1]
@@ -493,7 +555,7 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, *, need_jacobian: bool,
 
 def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict, *, loss: str,
                            alpha: float = 0.5, temperature: float = 4.0, t2_scale: bool = True,
-                           jacobian_method: str = "loop", top_k: Optional[int] = None, estimator: str = "exact",
+                           jacobian_method: str = "auto", top_k: Optional[int] = None, estimator: str = "exact",
                            projections: int = 1, contrastive_temperature: float = 0.1,
                            heads: Optional[ContrastiveHeads] = None,
                            generator: Optional[torch.Generator] = None) -> Callable[..., torch.Tensor]:
@@ -549,8 +611,6 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: s
         raise UserError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}")
     if estimator not in ("exact", "projection"):
         raise UserError(f"unknown Jacobian estimator '{estimator}'; use exact or projection")
-    if jacobian_method == "auto":
-        jacobian_method = default_jacobian_method(device)
     freeze(teacher.to(device))
     student.to(device).train()
     t_start = time.perf_counter()

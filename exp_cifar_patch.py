@@ -87,7 +87,7 @@ g.add_argument("--domino-data", choices=("digits", "fashionmnist", "mnist"), def
                help="items of the top half: scikit-learn's digits, offline (default), or torchvision's FashionMNIST / MNIST")
 g.add_argument("--n-train", type=int, default=4000, help="training images (0 = all; default 4000)")
 g.add_argument("--n-test", type=int, default=1000, help="held-out images per test set (0 = all; default 1000)")
-common.add_common_args(parser, steps=300, teacher_steps=1500, lr=0.002, teacher_lr=0.03, teacher_width=16, student_width=8)
+common.add_common_args(parser, steps=1000, teacher_steps=1500, lr=0.01, teacher_lr=0.03, teacher_width=16, student_width=8)
 
 
 # ----------------------------------------------------------------------------- data: images (mechanism I)
@@ -280,6 +280,14 @@ def sample_items(items: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor, g
     return items[order[pick]]
 
 
+# ----------------------------------------------------------------------------- model
+
+def build_model(arch: str, width: int) -> torch.nn.Module:
+    """The small CNN gets He init (common.he_init says why); the ResNet-18 has its own."""
+    model = common.build_model(arch, 3, NUM_CLASSES, width)
+    return common.he_init(model) if arch == "cnn" else model
+
+
 # ----------------------------------------------------------------------------- data: configurations
 
 def render(images: torch.Tensor, labels: torch.Tensor, config: str, args, patterns, blank: torch.Tensor,
@@ -360,15 +368,15 @@ def main():
 
     # ------------------------------------------------------------------------- teacher
     teacher, cached, teacher_s = common.get_teacher(
-        args, device, build=lambda: common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width),
-        train=teacher_train, data_key={"experiment": EXPERIMENT, "data": args.data, "generator": GENERATOR_VERSION,
+        args, device, build=lambda: build_model(args.arch, args.teacher_width),
+        train=teacher_train, data_key={"experiment": EXPERIMENT, "data": args.data, "generator": GENERATOR_VERSION, "init": "he",
                                        "n_train": args.n_train, "config": args.teacher_config, "frac_a": args.frac_a,
                                        "frac_b": args.frac_b, "patch_pattern": args.patch_pattern,
                                        "dominoes": args.dominoes, "domino_data": args.domino_data})
 
     # ------------------------------------------------------------------------- student
     common.seed_everything(args.seed + 1)
-    student = common.build_model(args.arch, 3, NUM_CLASSES, args.student_width)
+    student = build_model(args.arch, args.student_width)
     run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
 
     # ------------------------------------------------------------------------- evaluate and save

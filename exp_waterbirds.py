@@ -384,17 +384,6 @@ def real_data(args, gen: torch.Generator) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- models
 
-def he_init(model: nn.Module) -> nn.Module:
-    """He-normal conv weights and zero biases. With torch's default init the small CNN's pooled
-    features barely vary between images (about 1e-3), so the bird's shape, a local cue, is not
-    learned at all (the loss stays at ln 2) while the background's colour, a global one, is."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    return model
-
-
 class TorchvisionNet(nn.Module):
     """A torchvision ImageNet ResNet with common's interface (.features, .classifier, .feature_dim);
     inputs stay in [0, 1] and are normalised inside, so Jacobians are taken on the image itself."""
@@ -426,7 +415,7 @@ class TorchvisionNet(nn.Module):
 
 def build_model(arch: str, width: int, pretrained: bool) -> nn.Module:
     if arch == "cnn":
-        return he_init(common.build_model(arch, 3, NUM_CLASSES, width))
+        return common.he_init(common.build_model(arch, 3, NUM_CLASSES, width))
     return TorchvisionNet(arch, NUM_CLASSES, pretrained)
 
 

@@ -6,9 +6,11 @@ the plain KL step measured in the same process.
     python analysis/bench_losses.py --smoke         # one step per method (CI)
 
 Rows: `ce`, `kl`, `contrastive`; the exact Jacobian through our code path (teacher Jacobians
-precomputed once, the student's rows by `loop`, `batched` (autograd's is_grads_batched) or
-`vmap` (torch.func)); `jacobian-naive`, the reference code's way (a Python loop over classes,
-the teacher's Jacobian recomputed at every step); and the projection estimator with K = 1 and 4.
+precomputed once, the student's rows by `explicit` (the small CNN's hand-written backward pass),
+`loop` (one autograd backward per class), `batched` (autograd's is_grads_batched) or `vmap`
+(torch.func)); `jacobian-naive`, the reference code's way (a Python loop over classes, the
+teacher's Jacobian recomputed at every step); and the projection estimator with K = 1 and 4
+(rows by the device's default method).
 """
 import argparse
 import os
@@ -31,8 +33,8 @@ parser.add_argument("--models", default="cnn,resnet18", help="comma-separated: c
 parser.add_argument("--out", default=None, help="JSON output (default results/bench/<device>.json)")
 parser.add_argument("--smoke", action="store_true", help="one step per method, tiny batches: checks it runs")
 
-METHODS = ["ce", "kl", "contrastive", "jacobian-naive", "jacobian-loop", "jacobian-batched", "jacobian-vmap",
-           "projection-1", "projection-4"]
+METHODS = ["ce", "kl", "contrastive", "jacobian-naive", "jacobian-explicit", "jacobian-loop", "jacobian-batched",
+           "jacobian-vmap", "projection-1", "projection-4"]
 
 
 def naive_reference_loss(student, teacher, x, t_logits, alpha, temperature):
@@ -59,14 +61,17 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
         if method == "jacobian-vmap" and arch == "resnet18":
             print(f"  {arch:<9}{method:<18}  skipped: torch.func cannot run BatchNorm in training mode", flush=True)
             continue
+        if method == "jacobian-explicit" and arch == "resnet18":
+            print(f"  {arch:<9}{method:<18}  skipped: only the small CNN has a hand-written backward pass", flush=True)
+            continue
         torch.manual_seed(1)
         student = common.build_model(arch, image[0], 10, widths[1]).to(device).train()
-        loss, jac_method, estimator, k = method, "loop", "exact", 1
+        loss, jac_method, estimator, k = method, "auto", "exact", 1
         if method.startswith("jacobian-"):
             loss, jac_method = "jacobian", method.split("-")[1]
         elif method.startswith("projection-"):
             loss, estimator, k = "jacobian", "projection", int(method.split("-")[1])
-        method_for_targets = jac_method if jac_method != "naive" else "loop"
+        method_for_targets = jac_method if jac_method != "naive" else "auto"
         targets = {} if loss == "ce" else common.teacher_targets(
             teacher, data.x, need_jacobian=(loss == "jacobian" and jac_method != "naive"), top_k=None,
             method=method_for_targets)
@@ -125,7 +130,8 @@ def main():
     out = args.out or os.path.join("results", "bench", name.replace(" ", "_") + ".json")
     common.prepare_output(out)
     print(f"device: {name}, threads: {torch.get_num_threads()}, default exact method: "
-          f"{common.default_jacobian_method(device)}")
+          f"{common.default_jacobian_method(device, common.SmallCNN())} for the small CNN, "
+          f"{common.default_jacobian_method(device, common.ResNet18())} for the ResNet-18")
     rows = []
     for arch in args.models.split(","):
         if arch not in ("cnn", "resnet18"):

@@ -1,4 +1,4 @@
-"""analysis/bench_losses.py runs every method once and writes its table (no timing assertions)."""
+"""analysis/bench_losses.py and analysis/profile_run.py run and report (no timing assertions)."""
 import json
 import os
 import subprocess
@@ -15,8 +15,8 @@ def test_benchmark_smoke_writes_every_method(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     methods = [row["method"] for row in result["rows"]]
-    assert methods == ["ce", "kl", "contrastive", "jacobian-naive", "jacobian-loop", "jacobian-batched",
-                       "jacobian-vmap", "projection-1", "projection-4"]
+    assert methods == ["ce", "kl", "contrastive", "jacobian-naive", "jacobian-explicit", "jacobian-loop",
+                       "jacobian-batched", "jacobian-vmap", "projection-1", "projection-4"]
     kl = next(row for row in result["rows"] if row["method"] == "kl")
     assert kl["x_kl"] == 1.0
     assert all(row["median_ms"] > 0 for row in result["rows"])
@@ -29,3 +29,25 @@ def test_benchmark_rejects_unknown_model(tmp_path):
                           timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "vgg" in proc.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_profile_run_splits_the_training_loop(tmp_path):
+    out = tmp_path / "run.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "profile_run.py"),
+                           os.path.join(ROOT, "exp_colored_mnist.py"), "--top", "5", "--", "--loss", "jacobian",
+                           "--smoke", "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()  # the experiment itself ran to the end
+    lines = {line.split("  ")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("  ") and "%" in line}
+    shares = {name: float(line.split()[-2]) for name, line in lines.items()}
+    assert set(shares) >= {"forward + loss (objective)", "backward", "evaluation", "forward, loss and backward"}
+    assert 0 < shares["forward, loss and backward"] <= 100
+    assert "by cumulative" in proc.stdout and "by tottime" in proc.stdout
+
+
+def test_profile_run_reports_a_failing_script(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "profile_run.py"),
+                           os.path.join(ROOT, "exp_colored_mnist.py"), "--", "--loss", "nope"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr

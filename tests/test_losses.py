@@ -46,8 +46,8 @@ def models():
             (mlp(), common.freeze(mlp()))]
 
 
-@pytest.mark.parametrize("method", ["loop", "batched", "vmap", "auto"])
-@pytest.mark.parametrize("pair", range(2))
+@pytest.mark.parametrize("method,pair", [(m, p) for m in ("loop", "batched", "vmap", "auto") for p in range(2)]
+                         + [("explicit", 0)])
 def test_jacobian_loss_matches_naive_loop(method, pair):
     student, teacher = models()[pair]
     x = torch.rand(6, 2, 5, 5) if pair == 1 else torch.rand(6, 2, 12, 12)
@@ -58,6 +58,33 @@ def test_jacobian_loss_matches_naive_loop(method, pair):
     for g_got, g_exp in zip(got_grads, grads(expected, student)):
         assert torch.allclose(g_got, g_exp, atol=1e-5, rtol=1e-4)
     assert sum(g.abs().sum() for g in got_grads) > 0  # the student side is differentiable
+
+
+@pytest.mark.parametrize("size", [13, 9])
+def test_explicit_backward_pass_matches_autograd(size):
+    """SmallCNN.input_vjp against autograd: rows and their parameter gradients, odd map sizes too."""
+    torch.manual_seed(3)
+    model = common.he_init(common.SmallCNN(3, 5, 4))
+    x = torch.rand(4, 3, size, size)
+    sel = common.projection_selectors(3, 4, 5, torch.device("cpu"), torch.Generator().manual_seed(0))
+    logits_auto, rows_auto = common.input_jacobian(model, x, sel, create_graph=True, method="loop")
+    logits_expl, rows_expl = common.input_jacobian(model, x, sel, create_graph=True, method="explicit")
+    assert torch.allclose(logits_expl, logits_auto, atol=1e-6)
+    assert torch.allclose(rows_expl, rows_auto, atol=1e-6, rtol=1e-5)
+    target = torch.randn_like(rows_auto)
+    for g_expl, g_auto in zip(grads((rows_expl * target).sum(), model), grads((rows_auto * target).sum(), model)):
+        assert torch.allclose(g_expl, g_auto, atol=1e-5, rtol=1e-4)
+    _, rows_nograd = common.input_jacobian(model, x, sel, create_graph=False, method="explicit")
+    assert not rows_nograd.requires_grad and torch.allclose(rows_nograd, rows_auto, atol=1e-6, rtol=1e-5)
+
+
+def test_explicit_method_needs_the_small_cnn():
+    student, _ = models()[1]  # the MLP has no input_vjp
+    with pytest.raises(common.UserError, match="explicit needs the small CNN"):
+        common.input_jacobian(student, torch.rand(2, 2, 5, 5), common.class_selectors(7, 2, torch.device("cpu")),
+                              create_graph=True, method="explicit")
+    assert common.default_jacobian_method(torch.device("cpu"), student) == "loop"
+    assert common.default_jacobian_method(torch.device("cpu"), models()[0][0]) == "explicit"
 
 
 def test_jacobian_top_k_matches_naive_rows():
