@@ -15,8 +15,10 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -36,7 +38,12 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run `main`, turning UserError and Ctrl-C into one clear line and a non-zero exit."""
+    """Run `main`, turning UserError, Ctrl-C and SIGTERM (a grid runner stopping its cells, a
+    cluster's time limit) into one clear line and a non-zero exit."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         main()
     except UserError as e:
@@ -45,6 +52,9 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted: no result was written", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -173,13 +173,14 @@ class Pool:
             lock.close()
 
     def stop(self) -> None:
-        """Ctrl-C: stop starting cells, interrupt the running ones (they write no partial result)."""
+        """Ctrl-C: stop starting cells, interrupt the running ones (they write no partial result).
+        SIGTERM rather than SIGINT: a runner started in the background passes an ignored SIGINT on."""
         self.stopping.set()
         with self.guard:
             procs = list(self.procs.values())
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGTERM)
         deadline = time.time() + 15
         for p in procs:
             try:

@@ -285,7 +285,10 @@ def test_array_spec():
 
 
 FAKE = r'''
-import argparse, json, os, sys, time
+import argparse, json, os, signal, sys, time
+def on_sigterm(signum, frame):  # as common.run_cli does
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, on_sigterm)
 p = argparse.ArgumentParser()
 for f in ("--teacher-config", "--student-config", "--loss", "--out", "--cache-dir"):
     p.add_argument(f)
@@ -364,21 +367,26 @@ def test_grid_stops_when_the_script_rejects_its_flags(fake):
     assert "Traceback" not in r.stderr
 
 
-def test_grid_interrupt_then_resume(fake):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-in-background"])
+def test_grid_interrupt_then_resume(fake, how):
     run_grid, calls, tmp_path, env = fake
     started = tmp_path / "started"
     cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(tmp_path / "exp_fake.py"), "--teachers", "I",
            "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--results", str(tmp_path / "res"),
            "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # a runner started in the background by a shell script ignores SIGINT, and so do its cells
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how != "ctrl-c" else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint,
                             env={**env, "FAKE_BLOCK_TEACHER": "A", "FAKE_STARTED": str(started)})
     deadline = time.time() + 60
     while not started.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert started.exists()
-    proc.send_signal(signal.SIGINT)  # Ctrl-C while a cell of teacher A runs
+    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)  # while a cell of teacher A runs
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "rerun the same command" in err and "Traceback" not in err
+    logs = [open(tmp_path / "res" / "logs" / n).read() for n in os.listdir(tmp_path / "res" / "logs") if n.startswith("A_")]
+    assert any("interrupted: no result was written" in log for log in logs)  # the cell was stopped, not killed
     done = {n for n in os.listdir(tmp_path / "res") if n.endswith(".json")}
     assert all(n.startswith("I_") for n in done) and len(done) <= 2  # the interrupted cell wrote nothing
     before = len(calls())

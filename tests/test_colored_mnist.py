@@ -237,3 +237,17 @@ def test_corrupt_or_mismatched_teacher_cache_fails_cleanly(smoke_runs, tmp_path)
     # --retrain-teacher repairs it
     proc = run("--smoke", "--retrain-teacher", "--out", str(out), "--cache-dir", str(cache))
     assert proc.returncode == 0 and json.loads(out.read_text())["teacher"]["cached"] is False
+
+
+def test_sigterm_is_an_interrupt_not_a_traceback(tmp_path):
+    """A grid runner or a cluster stops a run with SIGTERM: one line, exit 130, like Ctrl-C."""
+    code = ("import os, signal, common\n"
+            "def main():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    open('written', 'w').close()\n"
+            "common.run_cli(main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == "interrupted: no result was written"
+    assert not (tmp_path / "written").exists()
