@@ -611,7 +611,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: s
             top_k: Optional[int] = None, estimator: str = "exact", projections: int = 1,
             contrastive_temperature: float = 0.1, cf_sets: Optional[dict[str, TensorSet]] = None,
             eval_every: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Train `student` against a frozen `teacher` on `train`; returns curves, heads and timing.
+    """Train `student` against a frozen `teacher` on `train`; returns curves, heads, the teacher's
+    logits on `cf_sets` and timing.
 
     loss: `ce` (labels only, no teacher), `kl`, `jacobian` ((1 - alpha) KL + alpha Jacobian
     distance) or `contrastive` ((1 - alpha) KL + alpha InfoNCE through trained projection heads).
@@ -640,7 +641,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: s
         jacobian_method=jacobian_method, top_k=top_k, estimator=estimator, projections=projections,
         contrastive_temperature=contrastive_temperature, heads=heads,
         generator=torch.Generator(device=device).manual_seed(seed))
-    teacher_eval = {name: predict(teacher, s.x).cpu() for name, s in (cf_sets or {}).items()}
+    teacher_logits = {name: predict(teacher, s.x).cpu() for name, s in (cf_sets or {}).items()}
     batch_gen = torch.Generator().manual_seed(seed)
     curves: list[dict] = []
     t_prep = time.perf_counter() - t_start
@@ -656,13 +657,13 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: s
             sched.step()
             bar.update(1)
             if eval_every and cf_sets and (step % eval_every == 0 or step == steps):
-                metrics = evaluate_student(student, cf_sets, teacher_eval)
+                metrics = evaluate_student(student, cf_sets, teacher_logits)
                 curves.append({"step": step, "loss": total.item(), "eval": metrics})
                 summary = "  ".join(f"{n} acc {m['acc']:.3f} agr {m['agreement']:.3f}" for n, m in metrics.items())
                 log(f"  step {step:5d}  loss {total.item():.4f}  {summary}")
                 student.train()
     train_s = time.perf_counter() - t_train
-    return {"curves": curves, "heads": heads,
+    return {"curves": curves, "heads": heads, "teacher_logits": teacher_logits,
             "timing": {"prepare_s": t_prep, "train_s": train_s, "steps_per_s": steps / max(train_s, 1e-9)}}
 
 
@@ -802,10 +803,11 @@ def default_out(experiment: str, args) -> str:
     return os.path.join("results", experiment, f"{args.teacher_config}_{args.student_config}_{args.loss}_seed{args.seed}.json")
 
 
-def final_result(experiment: str, args, device: torch.device, teacher: nn.Module, student: nn.Module,
-                 cf_sets: dict[str, TensorSet], run: dict, teacher_cached: bool, teacher_s: float) -> dict:
-    """Evaluate teacher and student on every counterfactual set and assemble the result JSON."""
-    teacher_logits = {name: predict(teacher, s.x).cpu() for name, s in cf_sets.items()}
+def final_result(experiment: str, args, device: torch.device, student: nn.Module, cf_sets: dict[str, TensorSet],
+                 run: dict, teacher_cached: bool, teacher_s: float) -> dict:
+    """Evaluate teacher and student on every counterfactual set and assemble the result JSON.
+    The teacher's logits on the sets come from `run` (distill computed them for the curves)."""
+    teacher_logits = run["teacher_logits"]
     teacher_eval = {name: teacher_metrics(teacher_logits[name], s.y.cpu(), None if s.group is None else s.group.cpu())
                     for name, s in cf_sets.items()}
     return {

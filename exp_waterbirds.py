@@ -506,7 +506,7 @@ def main():
     run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, run, cached, teacher_s)
+    result = common.final_result(EXPERIMENT, args, device, student, cf_sets, run, cached, teacher_s)
     result["groups"] = dict(enumerate(GROUP_NAMES))
     result["timing"]["total_s"] = time.perf_counter() - t0
     common.print_table(result["teacher"]["eval"], result["student"]["eval"])

@@ -187,20 +187,31 @@ def _heatmap_figure(panels: list[tuple[str, np.ndarray, np.ndarray]], students: 
     return fig
 
 
-def heatmap(runs: list[R.Run], exp: str, method: str, metric: str, error: str, out: str, written: list[str]) -> None:
+def _grid_panels(runs: list[R.Run], stat_of) -> tuple[list[str], list[str], list]:
+    """(students, teachers, panels): one (test set, mean, spread) matrix per test set, rows =
+    student configuration, columns = teacher configuration; `stat_of(test set, teacher, student)`
+    gives a cell's statistic (with .mean and .std) or None where the cell has no runs."""
     students, teachers, sets, _ = _grid_axes(runs)
-    cells = R.group_cells(R.select(runs, method=method))
-    panels, values = [], []
+    panels = []
     for s in sets:
         mean, err = np.full((len(students), len(teachers)), np.nan), np.full((len(students), len(teachers)), np.nan)
         for i, st_cfg in enumerate(students):
             for j, t_cfg in enumerate(teachers):
-                cell = cells.get((exp, method, t_cfg, st_cfg))
-                if cell:
-                    stat = R.cell_stat(cell, s, metric)
+                stat = stat_of(s, t_cfg, st_cfg)
+                if stat is not None:
                     mean[i, j], err[i, j] = stat.mean, stat.std
         panels.append((s, mean, err))
-        values += [v for v in mean.flat if not np.isnan(v)]
+    return students, teachers, panels
+
+
+def heatmap(runs: list[R.Run], exp: str, method: str, metric: str, error: str, out: str, written: list[str]) -> None:
+    cells = R.group_cells(R.select(runs, method=method))
+
+    def stat_of(s, t_cfg, st_cfg):
+        cell = cells.get((exp, method, t_cfg, st_cfg))
+        return R.cell_stat(cell, s, metric) if cell else None
+    students, teachers, panels = _grid_panels(runs, stat_of)
+    values = [v for _, mean, _ in panels for v in mean.flat if not np.isnan(v)]
     if not values:
         return
     vmin, vmax = (0.0, 1.0) if is_fraction(metric) else (0.0, max(values))
@@ -210,20 +221,14 @@ def heatmap(runs: list[R.Run], exp: str, method: str, metric: str, error: str, o
 
 
 def diff_heatmap(runs: list[R.Run], exp: str, method: str, base: str, metric: str, out: str, written: list[str]) -> None:
-    students, teachers, sets, _ = _grid_axes(runs)
     cells_a = R.group_cells(R.select(runs, method=method))
     cells_b = R.group_cells(R.select(runs, method=base))
-    panels, values = [], []
-    for s in sets:
-        mean, err = np.full((len(students), len(teachers)), np.nan), np.full((len(students), len(teachers)), np.nan)
-        for i, st_cfg in enumerate(students):
-            for j, t_cfg in enumerate(teachers):
-                a, b = cells_a.get((exp, method, t_cfg, st_cfg)), cells_b.get((exp, base, t_cfg, st_cfg))
-                if a and b:
-                    d = R.paired_difference(a, b, s, metric)
-                    mean[i, j], err[i, j] = d.mean, d.std
-        panels.append((s, mean, err))
-        values += [abs(v) for v in mean.flat if not np.isnan(v)]
+
+    def stat_of(s, t_cfg, st_cfg):
+        a, b = cells_a.get((exp, method, t_cfg, st_cfg)), cells_b.get((exp, base, t_cfg, st_cfg))
+        return R.paired_difference(a, b, s, metric) if a and b else None
+    students, teachers, panels = _grid_panels(runs, stat_of)
+    values = [abs(v) for _, mean, _ in panels for v in mean.flat if not np.isnan(v)]
     if not values:
         return
     lim = max(max(values), 1e-6)
