@@ -771,6 +771,9 @@ def check_common_args(args) -> None:
         raise UserError("--temperature, --contrastive-temperature, --lr and --teacher-lr must be positive")
     if args.top_k is not None and args.top_k < 1:
         raise UserError("--top-k must be at least 1")
+    if args.jacobian_method == "explicit" and args.arch != "cnn":  # before the teacher trains, not after
+        raise UserError(f"--jacobian-method explicit needs the small CNN (--arch cnn), not {args.arch}; "
+                        f"use loop or batched")
 
 
 def distill_options(args) -> dict:
