@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 
 LOSSES = ("ce", "kl", "jacobian", "contrastive")
 JACOBIAN_METHODS = ("auto", "explicit", "loop", "batched", "vmap")
+TEST_SEED = 12345  # the counterfactual test sets are drawn with this seed: the same sets for every --seed
+MAX_SEED = 2 ** 31 - 2  # numpy takes seeds below 2**32; the student uses seed + 1
 
 
 # ----------------------------------------------------------------------------- errors, devices, seeds
@@ -58,15 +61,21 @@ def run_cli(main: Callable[[], object]) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` means CUDA when present, else CPU."""
+    """`auto` means CUDA when present, else CPU. Only CPU and CUDA are supported (the Jacobian
+    methods and timings were checked on those)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise UserError(f"unsupported --device '{name}'; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
@@ -77,10 +86,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: record that rather than fail the run
+        return None
+
+
+def git_state() -> dict:
+    """The commit of the code that ran and whether the work tree had uncommitted changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)  # noqa: E731
+        commit = run("rev-parse", "HEAD")
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = run("status", "--porcelain", "--untracked-files=no")
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):  # no git, or not a clone
+        return {"commit": None, "dirty": None}
+
+
 def environment(device: torch.device) -> dict:
-    """What ran the experiment, stored in every result."""
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-           "platform": platform.platform(), "threads": torch.get_num_threads()}
+    """What ran the experiment, stored in every result: code, library versions, hardware."""
+    env = {**git_state(), "argv": sys.argv[1:], "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "scikit-learn": _version("sklearn"), "torchvision": _version("torchvision"),
+           "device": str(device), "platform": platform.platform(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
@@ -142,6 +173,32 @@ def sklearn_digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return x[train], y[train], x[test], y[test]
 
 
+def torchvision_digits(name: str, root: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's MNIST or FashionMNIST from `root` as [N, 28, 28] in [0, 1] with labels
+    (train_x, train_y, test_x, test_y); anything unreadable or out of range is a UserError."""
+    from torchvision import datasets
+    expected = f"expected {os.path.join(root, name, 'raw')}/*-ubyte[.gz], or add --download"
+    try:
+        train = getattr(datasets, name)(root, train=True, download=download)
+        test = getattr(datasets, name)(root, train=False, download=download)
+    except Exception as e:  # RuntimeError for missing files; AssertionError, ValueError, ... for corrupt ones
+        raise UserError(f"cannot read {name} from {root}: {first_line(e)} ({expected})")
+    out = []
+    for split in (train, test):
+        x, y = split.data, split.targets
+        if len(x) == 0 or len(x) != len(y) or x.dim() != 3 or y.min() < 0 or y.max() >= 10:
+            raise UserError(f"{name} in {root} holds {len(x)} images with {len(y)} labels of shape {tuple(x.shape)} "
+                            f"(labels must be 0..9); replace the files with the originals ({expected})")
+        out += [x.float() / 255, y.long()]
+    return tuple(out)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none (a bare assert)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def check_fraction(value: float, flag: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise UserError(f"{flag} must be in [0, 1], got {value}")
@@ -168,6 +225,7 @@ class SmallCNN(nn.Module):
         )
         self.feature_dim = 4 * w
         self.classifier = nn.Linear(self.feature_dim, num_classes)
+        he_init(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -518,6 +576,17 @@ def _check_finite(loss: torch.Tensor, step: int, what: str) -> None:
                         f"Lower --lr or --alpha and run again")
 
 
+def check_model_finite(model: nn.Module, name: str, x: torch.Tensor, fix: str) -> None:
+    """Raise UserError when a trained model's parameters or its outputs on `x` are not finite: a
+    NaN made by the very last update is not caught by the loss check, which runs before it."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if not bad and not torch.isfinite(predict(model, x)).all():
+        bad = ["its outputs"]
+    if bad:
+        raise UserError(f"the {name} has non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
+                        f"no result was written. {fix}")
+
+
 def train_teacher(model: nn.Module, train: TensorSet, *, steps: int, batch_size: int, lr: float,
                   device: torch.device, seed: int, optimizer: str = "sgd") -> nn.Module:
     """Cross-entropy training with a cosine schedule; returns the model frozen in eval mode."""
@@ -674,9 +743,29 @@ def cache_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def prepare_cache(cache_dir: str) -> bool:
+    """Check the teacher cache folder before any training; returns whether it can be written.
+    A read-only cache is still usable for the teachers it already holds."""
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise UserError(f"--cache-dir {cache_dir} is a file, not a folder; choose another --cache-dir")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --cache-dir {cache_dir} ({e.strerror}); choose another --cache-dir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-test-"):
+            return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def _file_lock(path: str):
-    """An exclusive lock, so two processes never train or write the same teacher at once."""
+def _file_lock(path: str, writable: bool):
+    """An exclusive lock, so two processes never train or write the same teacher at once (none
+    in a read-only cache, which nobody can write)."""
+    if not writable:
+        yield
+        return
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -686,36 +775,50 @@ def _file_lock(path: str):
 
 
 def load_or_train_teacher(config: dict, build: Callable[[], nn.Module], train: Callable[[nn.Module], nn.Module],
-                          cache_dir: str, device: torch.device, retrain: bool = False,
-                          log: Callable[[str], None] = print) -> tuple[nn.Module, bool]:
-    """Return (frozen teacher, loaded_from_cache). The cache holds `<key>.pt` (state_dict) and
-    `<key>.json` (the config it was trained with); `config` must hold everything that determines it."""
-    os.makedirs(cache_dir, exist_ok=True)
+                          check: Callable[[nn.Module, bool], None], cache_dir: str, device: torch.device,
+                          retrain: bool = False, log: Callable[[str], None] = print) -> tuple[nn.Module, bool]:
+    """Return (frozen teacher, loaded_from_cache). `check(model, cached)` raises UserError for a
+    teacher not worth distilling; a fresh teacher is cached only after it passes.
+
+    The cache holds `<key>.pt`, written atomically with the weights and the config they were
+    trained with together (so it is complete or absent, never half-written), and `<key>.json`, a
+    copy of the config for people; `config` must hold everything that determines the teacher."""
+    writable = prepare_cache(cache_dir)
     key = cache_key(config)
     weights, meta = os.path.join(cache_dir, f"{key}.pt"), os.path.join(cache_dir, f"{key}.json")
-    with _file_lock(os.path.join(cache_dir, f"{key}.lock")):
+    config = json.loads(json.dumps(config))
+    with _file_lock(os.path.join(cache_dir, f"{key}.lock"), writable):
         if os.path.exists(weights) and not retrain:
-            fix = f"delete {weights} (and {meta}) to retrain it, or pass --retrain-teacher"
-            try:
-                with open(meta) as f:
-                    saved = json.load(f)
-            except (OSError, ValueError):
-                raise UserError(f"teacher cache {meta} is missing or unreadable; {fix}")
-            if saved != json.loads(json.dumps(config)):
-                raise UserError(f"teacher cache {weights} was trained with another configuration; {fix}")
+            fix = f"delete {weights} to retrain it, or pass --retrain-teacher"
             model = build()
             try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-                model.load_state_dict(state)
-            except Exception as e:  # corrupt file, wrong shapes, ...
+                saved = torch.load(weights, map_location="cpu", weights_only=True)
+                if not isinstance(saved, dict) or "config" not in saved:
+                    raise ValueError("written by an older version")
+                if saved["config"] == config:
+                    model.load_state_dict(saved["state_dict"])
+            except Exception as e:  # corrupt file, wrong shapes, an older format, ...
                 raise UserError(f"teacher cache {weights} is corrupt or does not fit the model "
-                                f"({type(e).__name__}); {fix}")
+                                f"({type(e).__name__}: {first_line(e)}); {fix}")
+            if saved["config"] != config:
+                raise UserError(f"teacher cache {weights} was trained with another configuration; {fix}")
             log(f"teacher: loaded from cache {weights}")
-            return freeze(model.to(device)), True
+            model = freeze(model.to(device))
+            check(model, True)
+            return model, True
+        if not writable:
+            raise UserError(f"--cache-dir {cache_dir} is read-only and does not hold this teacher ({key}.pt); "
+                            f"choose a writable --cache-dir")
         log("teacher: training (cached afterwards)")
         model = train(build())
-        _atomic_save(lambda f: torch.save(model.state_dict(), f), weights)
-        _atomic_save(lambda f: f.write(json.dumps(config, indent=1, sort_keys=True).encode()), meta)
+        check(model, False)
+        try:
+            _atomic_save(lambda f: torch.save({"config": config, "state_dict": model.state_dict()}, f), weights)
+        except OSError as e:  # a full disk: the run goes on, the next one trains the teacher again
+            log(f"warning: the teacher could not be cached in {cache_dir} ({e.strerror}); the run goes on")
+            return model, False
+        with contextlib.suppress(OSError):  # the copy for people; the .pt is complete without it
+            _atomic_save(lambda f: f.write(json.dumps(config, indent=1, sort_keys=True).encode()), meta)
         return model, False
 
 
@@ -753,6 +856,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int, teacher_step
                         "which leaves the initial plateau sooner on short runs (try --teacher-lr 5e-3)")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps for the curves (default steps/10)")
     g.add_argument("--seed", type=int, default=0, help="seed of data rendering, teacher and student (default 0)")
+    g.add_argument("--teacher-min-acc", type=float, default=None,
+                   help="stop unless the teacher reaches this accuracy on held-out data of its own configuration "
+                        "(default: halfway between chance and 1, e.g. 0.55 for 10 classes; 0 with --smoke)")
+    g.add_argument("--student-min-fit", type=float, default=0.9,
+                   help="flag the result when the student fits held-out data of its own distillation configuration "
+                        "worse than this (accuracy, or agreement with the teacher, whichever is higher; default 0.9)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, help="result JSON path (default results/<experiment>/<teacher>_<student>_<loss>_seed<seed>.json)")
@@ -764,11 +873,20 @@ def add_common_args(parser: argparse.ArgumentParser, *, steps: int, teacher_step
 def check_common_args(args) -> None:
     """Validate the shared flags; raise UserError with the fix."""
     check_fraction(args.alpha, "--alpha")
+    check_fraction(args.student_min_fit, "--student-min-fit")
+    if args.teacher_min_acc is not None:
+        check_fraction(args.teacher_min_acc, "--teacher-min-acc")
     for flag in ("steps", "teacher_steps", "batch_size", "projections", "teacher_width", "student_width"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if min(args.temperature, args.contrastive_temperature, args.lr, args.teacher_lr) <= 0:
-        raise UserError("--temperature, --contrastive-temperature, --lr and --teacher-lr must be positive")
+    for flag in ("temperature", "contrastive_temperature", "lr", "teacher_lr"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive finite number, got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise UserError("--eval-every must be at least 1")
     if args.top_k is not None and args.top_k < 1:
         raise UserError("--top-k must be at least 1")
     if args.jacobian_method == "explicit" and args.arch != "cnn":  # before the teacher trains, not after
@@ -785,42 +903,92 @@ def distill_options(args) -> dict:
                 eval_every=args.eval_every or max(args.steps // 10, 1))
 
 
-def get_teacher(args, device: torch.device, build: Callable[[], nn.Module], train: TensorSet,
-                data_key: dict) -> tuple[nn.Module, bool, float]:
-    """Load the cached teacher or train it on `train`: (frozen teacher, loaded from cache, seconds
-    spent training). `data_key` names everything about the data that determines the teacher; the
-    shared flags (architecture, width, steps, batch, lr, optimizer, seed, device type) are added."""
-    key = {**data_key, "arch": args.arch, "width": args.teacher_width, "steps": args.teacher_steps,
+def teacher_floor(args, num_classes: int) -> float:
+    """The accuracy a teacher must reach: --teacher-min-acc, or halfway between chance and 1."""
+    chance = 1.0 / num_classes
+    if args.teacher_min_acc is not None:
+        return args.teacher_min_acc
+    return 0.0 if args.smoke else chance + (1 - chance) / 2  # a smoke run checks the setup, not the teacher
+
+
+def get_teacher(args, device: torch.device, build: Callable[[], nn.Module], train: TensorSet, heldout: TensorSet,
+                data_key: dict) -> tuple[nn.Module, dict]:
+    """Load the cached teacher or train it on `train`, then check it on `heldout` (held-out data
+    of the teacher's own configuration): a teacher at chance or with non-finite weights stops the
+    run before anything is distilled or cached. Returns (frozen teacher, record for the result).
+    `data_key` names everything about the data that determines the teacher; the shared flags
+    (architecture, init, width, steps, batch, lr, optimizer, seed, device type) are added."""
+    key = {**data_key, "arch": args.arch, "init": "he", "width": args.teacher_width, "steps": args.teacher_steps,
            "batch_size": args.batch_size, "lr": args.teacher_lr, "optimizer": args.teacher_optimizer,
            "seed": args.seed, "device": device.type}
+    record = {"cache_key": cache_key(key)}
 
     def train_it(model: nn.Module) -> nn.Module:
         return train_teacher(model, train, steps=args.teacher_steps, batch_size=args.batch_size, lr=args.teacher_lr,
                              device=device, seed=args.seed, optimizer=args.teacher_optimizer)
+
+    def check(model: nn.Module, cached: bool) -> None:
+        fix = ("It came from the cache: pass --retrain-teacher." if cached else
+               "Train it differently (--teacher-lr, --teacher-steps, --teacher-optimizer) and run again.")
+        check_model_finite(model, "teacher", heldout.x, fix)
+        logits = predict(model, heldout.x).cpu()
+        acc = (logits.argmax(1) == heldout.y.cpu()).float().mean().item()
+        floor = teacher_floor(args, logits.shape[1])
+        record.update(heldout_acc=acc, floor=floor)
+        print(f"teacher: accuracy {acc:.3f} on held-out {args.teacher_config} (floor {floor:.3f})")
+        if acc < floor:
+            raise UserError(f"the teacher reaches only {acc:.3f} on held-out {args.teacher_config} data, below the "
+                            f"floor {floor:.3f} (chance {1 / logits.shape[1]:.3f}); distilling it would mean nothing "
+                            f"and nothing was cached or written. {fix} (--teacher-min-acc sets the floor)")
     start = time.perf_counter()
-    teacher, cached = load_or_train_teacher(key, build, train_it, args.cache_dir, device, retrain=args.retrain_teacher)
-    return teacher, cached, 0.0 if cached else time.perf_counter() - start
+    teacher, cached = load_or_train_teacher(key, build, train_it, check, args.cache_dir, device,
+                                            retrain=args.retrain_teacher)
+    record.update(cached=cached, train_s=0.0 if cached else time.perf_counter() - start)
+    return teacher, record
 
 
 def default_out(experiment: str, args) -> str:
     return os.path.join("results", experiment, f"{args.teacher_config}_{args.student_config}_{args.loss}_seed{args.seed}.json")
 
 
-def final_result(experiment: str, args, device: torch.device, student: nn.Module, cf_sets: dict[str, TensorSet],
-                 run: dict, teacher_cached: bool, teacher_s: float) -> dict:
-    """Evaluate teacher and student on every counterfactual set and assemble the result JSON.
-    The teacher's logits on the sets come from `run` (distill computed them for the curves)."""
+def student_fit(args, student: nn.Module, teacher: nn.Module, heldout: TensorSet) -> dict:
+    """How well the student fits held-out data of its own distillation configuration: its accuracy,
+    or its agreement with the teacher, whichever is higher (a distilled student imitates the
+    teacher, whose answers need not be the labels). Below --student-min-fit the run is flagged:
+    a student that never fit its data says nothing about what it learned from the teacher."""
+    s_pred = predict(student, heldout.x).argmax(1).cpu()
+    acc = (s_pred == heldout.y.cpu()).float().mean().item()
+    agreement = (s_pred == predict(teacher, heldout.x).argmax(1).cpu()).float().mean().item()
+    fit = acc if args.loss == "ce" else max(acc, agreement)
+    return {"config": args.student_config, "acc": acc, "agreement": agreement, "fit": fit,
+            "floor": args.student_min_fit, "ok": fit >= args.student_min_fit}
+
+
+def final_result(experiment: str, args, device: torch.device, teacher: nn.Module, student: nn.Module,
+                 cf_sets: dict[str, TensorSet], student_heldout: TensorSet, run: dict, teacher_record: dict,
+                 data_version: int) -> dict:
+    """Check the student, evaluate teacher and student on every counterfactual set and assemble the
+    result JSON. The teacher's logits on the sets come from `run` (distill computed them)."""
+    check_model_finite(student, "student", student_heldout.x,
+                       "Lower --lr (or --alpha) and run again; the teacher is fine and stays cached.")
     teacher_logits = run["teacher_logits"]
     teacher_eval = {name: teacher_metrics(teacher_logits[name], s.y.cpu(), None if s.group is None else s.group.cpu())
                     for name, s in cf_sets.items()}
+    fit = student_fit(args, student, teacher, student_heldout)
+    flags = [] if fit["ok"] else [f"student_fit: the student fits held-out {fit['config']} only {fit['fit']:.3f} "
+                                  f"(floor {fit['floor']:.2f})"]
+    record = dict(teacher_record)
+    train_s = record.pop("train_s")
     return {
         "experiment": experiment,
         "config": vars(args),
-        "env": environment(device),
-        "teacher": {"cached": teacher_cached, "eval": teacher_eval},
-        "student": {"eval": evaluate_student(student, cf_sets, teacher_logits), "curves": run["curves"]},
+        "flags": flags,
+        "provenance": {**environment(device), "data_version": data_version, "test_seed": TEST_SEED,
+                       "teacher_cache_key": record["cache_key"]},
+        "teacher": {**record, "eval": teacher_eval},
+        "student": {"fit": fit, "eval": evaluate_student(student, cf_sets, teacher_logits), "curves": run["curves"]},
         "test_sizes": {name: len(s.y) for name, s in cf_sets.items()},
-        "timing": {"teacher_train_s": teacher_s, **{f"student_{k}": v for k, v in run["timing"].items()}},
+        "timing": {"teacher_train_s": train_s, **{f"student_{k}": v for k, v in run["timing"].items()}},
     }
 
 
@@ -845,6 +1013,8 @@ def _atomic_save(write: Callable, path: str) -> None:
 
 def prepare_output(path: str) -> str:
     """Create the result's folder and check it can be written, before any training is spent."""
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise UserError(f"--out {path} is a folder; name the result file, e.g. {os.path.join(path, 'result.json')}")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -855,13 +1025,31 @@ def prepare_output(path: str) -> str:
     return path
 
 
+def strict_json(value):
+    """`value` with every non-finite float replaced by None, so the JSON is strict (no bare NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_result(path: str, result: dict) -> None:
-    """Write one run's result as JSON, atomically."""
-    _atomic_save(lambda f: f.write(json.dumps(result, indent=1).encode()), path)
+    """Write one run's result as strict JSON, atomically."""
+    text = json.dumps(strict_json(result), indent=1, allow_nan=False)
+    try:
+        _atomic_save(lambda f: f.write(text.encode()), path)
+    except OSError as e:
+        raise UserError(f"cannot write the result to {path} ({e.strerror}); nothing was written")
 
 
-def print_table(teacher_eval: dict, student_eval: dict, log: Callable[[str], None] = print) -> None:
-    """Test set x (teacher acc, student acc, KL(T||S), agreement)."""
+def print_table(result: dict, log: Callable[[str], None] = print) -> None:
+    """Test set x (teacher acc, student acc, KL(T||S), agreement), then the result's flags."""
+    teacher_eval, student_eval = result["teacher"]["eval"], result["student"]["eval"]
     log(f"{'test set':<12}{'teacher acc':>12}{'student acc':>12}{'KL(T||S)':>10}{'agreement':>11}")
     for name, m in student_eval.items():
         log(f"{name:<12}{teacher_eval[name]['acc']:>12.3f}{m['acc']:>12.3f}{m['kl']:>10.3f}{m['agreement']:>11.3f}")
+    for flag in result["flags"]:
+        log(f"FLAGGED: {flag}; read these numbers with care (analysis/ skips flagged runs)")

@@ -57,14 +57,15 @@ EXPERIMENT = "cifar_patch"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
 DOMINO_TEST_CONFIGS = ("B", "IB", "IAB", "I+rB", "IA+rB", "I+rA+rB")
 NUM_CLASSES = 10
-GENERATOR_VERSION = 2  # bump when the shapes generator changes (part of the teacher cache key)
+DATA_VERSION = 2  # bump when the shapes generator or the rendering changes (part of the teacher cache key)
 MANDELBROT_NOTE = ("--patch-pattern mandelbrot: the pattern encodes the class as well as the position, so a test "
                    "that randomised only the position would still leave the pattern predictive; here a randomised "
                    "patch takes both from a random class")
 
 # ----------------------------------------------------------------------------- flags
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Configurations: upper-case letters carry the label, r marks randomised "
                                         "mechanisms, e.g. IA, I+rA, rI+A, A; B needs --dominoes (IB, IAB, IA+rB).")
 g = parser.add_argument_group("data")
@@ -180,9 +181,9 @@ def read_cifar_batches(folder: str, names: list[str]) -> tuple[torch.Tensor, tor
         except Exception as e:  # not a pickle, wrong keys, wrong size
             raise common.UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}); replace it with the "
                                    f"original file or delete the folder and add --download")
-        if len(labels) != len(data) or labels.min(initial=0) < 0 or labels.max(initial=0) >= NUM_CLASSES:
-            raise common.UserError(f"{path} has {len(data)} images but {len(labels)} labels or labels outside 0..9; "
-                                   f"replace it with the original file")
+        if len(data) == 0 or len(labels) != len(data) or labels.min(initial=0) < 0 or labels.max(initial=0) >= NUM_CLASSES:
+            raise common.UserError(f"{path} has {len(data)} images and {len(labels)} labels (labels must be 0..9, at "
+                                   f"least one image); replace it with the original file")
         xs.append(torch.from_numpy(data))
         ys.append(torch.from_numpy(labels))
     return torch.cat(xs).float() / 255, torch.cat(ys)
@@ -201,7 +202,7 @@ def load_images(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         try:
             CIFAR10(args.data_root, train=True, download=True)
         except Exception as e:
-            raise common.UserError(f"cannot download CIFAR-10 into {args.data_root}: {str(e).splitlines()[0]}")
+            raise common.UserError(f"cannot download CIFAR-10 into {args.data_root}: {common.first_line(e)}")
     missing = [n for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if not os.path.exists(os.path.join(folder, n))]
     if missing:
         raise common.UserError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; point --data-root at the folder "
@@ -257,16 +258,10 @@ def load_domino_items(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     """Grey items for the top half, [N, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x, test_y)."""
     if args.domino_data == "digits":
         return common.sklearn_digits(32)
-    from torchvision.datasets import MNIST, FashionMNIST
-    cls, name = (FashionMNIST, "FashionMNIST") if args.domino_data == "fashionmnist" else (MNIST, "MNIST")
-    try:
-        train = cls(args.data_root, train=True, download=args.download)
-        test = cls(args.data_root, train=False, download=args.download)
-    except Exception as e:  # torchvision raises RuntimeError for missing files, others for corrupt ones
-        raise common.UserError(f"cannot read {name} from {args.data_root}: {str(e).splitlines()[0]} (expected "
-                               f"{os.path.join(args.data_root, name, 'raw')}/*-ubyte, or add --download)")
-    resize = lambda d: F.interpolate(d.float()[:, None] / 255, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
-    return resize(train.data), train.targets.long(), resize(test.data), test.targets.long()
+    name = "FashionMNIST" if args.domino_data == "fashionmnist" else "MNIST"
+    train_x, train_y, test_x, test_y = common.torchvision_digits(name, args.data_root, args.download)
+    resize = lambda d: F.interpolate(d[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
+    return resize(train_x), train_y, resize(test_x), test_y
 
 
 def sample_items(items: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -281,12 +276,6 @@ def sample_items(items: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor, g
 
 
 # ----------------------------------------------------------------------------- model
-
-def build_model(arch: str, width: int) -> torch.nn.Module:
-    """The small CNN gets He init (common.he_init says why); the ResNet-18 has its own."""
-    model = common.build_model(arch, 3, NUM_CLASSES, width)
-    return common.he_init(model) if arch == "cnn" else model
-
 
 # ----------------------------------------------------------------------------- data: configurations
 
@@ -319,7 +308,8 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.teacher_steps = min(args.steps, 20), min(args.teacher_steps, 40)
-        args.n_train, args.n_test, args.eval_every = min(args.n_train or 300, 300), min(args.n_test or 100, 100), 10
+        args.n_train, args.n_test = min(args.n_train or 300, 300), min(args.n_test or 100, 100)
+        args.eval_every = 10 if args.eval_every is None else args.eval_every
         args.batch_size = min(args.batch_size, 32)  # keeps a Jacobian smoke run short on a CPU
     common.check_common_args(args)
     common.check_fraction(args.frac_a, "--frac-a")
@@ -341,6 +331,7 @@ def main():
         raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of the data or add --download")
     device = common.resolve_device(args.device)
     out_path = common.prepare_output(args.out or common.default_out(EXPERIMENT, args))
+    common.prepare_cache(args.cache_dir)
     common.seed_everything(args.seed)
     t0 = time.perf_counter()
 
@@ -355,10 +346,12 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     teacher_train = render(train_x, train_y, args.teacher_config, args, patterns, blank, items[:2], gen)
     student_train = render(train_x, train_y, args.student_config, args, patterns, blank, items[:2], gen)
-    test_gen = torch.Generator().manual_seed(12345)  # the same test sets for every seed
+    test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
     names = TEST_CONFIGS + (DOMINO_TEST_CONFIGS if args.dominoes else ())
     cf_args = argparse.Namespace(**{**vars(args), "frac_a": 1.0, "frac_b": 1.0})
     cf_sets = {name: render(test_x, test_y, name, cf_args, patterns, blank, items[2:], test_gen) for name in names}
+    teacher_heldout, student_heldout = (render(test_x, test_y, config, args, patterns, blank, items[2:], test_gen)
+                                        for config in (args.teacher_config, args.student_config))
     notes = [MANDELBROT_NOTE] if args.patch_pattern == "mandelbrot" else []
     print(f"data: {args.data}{' + ' + args.domino_data + ' dominoes' if args.dominoes else ''}, patch {args.patch_pattern}, "
           f"{len(train_y)} training images {tuple(teacher_train.x.shape[1:])}, test sets of {len(test_y)}; "
@@ -367,23 +360,25 @@ def main():
         print(f"note: {note}")
 
     # ------------------------------------------------------------------------- teacher
-    teacher, cached, teacher_s = common.get_teacher(
-        args, device, build=lambda: build_model(args.arch, args.teacher_width),
-        train=teacher_train, data_key={"experiment": EXPERIMENT, "data": args.data, "generator": GENERATOR_VERSION, "init": "he",
-                                       "n_train": args.n_train, "config": args.teacher_config, "frac_a": args.frac_a,
-                                       "frac_b": args.frac_b, "patch_pattern": args.patch_pattern,
-                                       "dominoes": args.dominoes, "domino_data": args.domino_data})
+    teacher, teacher_record = common.get_teacher(
+        args, device, build=lambda: common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width),
+        train=teacher_train, heldout=teacher_heldout,
+        data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
+                  "data_root": os.path.abspath(args.data_root) if args.data_root else None,
+                  "n_train": args.n_train, "config": args.teacher_config, "frac_a": args.frac_a, "frac_b": args.frac_b,
+                  "patch_pattern": args.patch_pattern, "dominoes": args.dominoes, "domino_data": args.domino_data})
 
     # ------------------------------------------------------------------------- student
     common.seed_everything(args.seed + 1)
-    student = build_model(args.arch, args.student_width)
+    student = common.build_model(args.arch, 3, NUM_CLASSES, args.student_width)
     run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = common.final_result(EXPERIMENT, args, device, student, cf_sets, run, cached, teacher_s)
+    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, student_heldout, run,
+                                 teacher_record, DATA_VERSION)
     result["notes"] = notes
     result["timing"]["total_s"] = time.perf_counter() - t0
-    common.print_table(result["teacher"]["eval"], result["student"]["eval"])
+    common.print_table(result)
     for note in notes:
         print(f"note: {note}")
     common.write_result(out_path, result)

@@ -32,13 +32,15 @@ import torch
 import common
 
 EXPERIMENT = "colored_mnist"
+DATA_VERSION = 1  # bump when the rendering changes (part of the teacher cache key and of every result)
 MECHANISMS = "IA"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
 NUM_CLASSES = 10
 
 # ----------------------------------------------------------------------------- flags
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Configurations: upper-case letters carry the label, r marks randomised "
                                         "mechanisms, e.g. IA, I+rA, rI+A, A.")
 g = parser.add_argument_group("data")
@@ -66,14 +68,7 @@ def load_digits(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         raise common.UserError("--data mnist needs --data-root DIR (the folder that holds MNIST/, or where to --download it)")
     if not os.path.isdir(args.data_root) and not args.download:
         raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of MNIST or add --download")
-    from torchvision.datasets import MNIST
-    try:
-        train = MNIST(args.data_root, train=True, download=args.download)
-        test = MNIST(args.data_root, train=False, download=args.download)
-    except Exception as e:  # torchvision raises RuntimeError for missing files, others for corrupt ones
-        raise common.UserError(f"cannot read MNIST from {args.data_root}: {str(e).splitlines()[0]} (expected "
-                               f"{os.path.join(args.data_root, 'MNIST', 'raw')}/*-ubyte[.gz], or add --download)")
-    return train.data.float() / 255, train.targets.long(), test.data.float() / 255, test.targets.long()
+    return common.torchvision_digits("MNIST", args.data_root, args.download)
 
 
 def palette() -> torch.Tensor:
@@ -103,7 +98,8 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.teacher_steps, args.n_train = min(args.steps, 20), min(args.teacher_steps, 40), args.n_train or 300
-        args.train_renders, args.test_renders, args.eval_every = 1, 1, 10
+        args.train_renders, args.test_renders = 1, 1
+        args.eval_every = 10 if args.eval_every is None else args.eval_every
     common.check_common_args(args)
     common.check_fraction(args.spurious_frac, "--spurious-frac")
     for config in (args.teacher_config, args.student_config):
@@ -112,6 +108,7 @@ def main():
         raise common.UserError("--train-renders and --test-renders must be at least 1, --n-train at least 0")
     device = common.resolve_device(args.device)
     out_path = common.prepare_output(args.out or common.default_out(EXPERIMENT, args))
+    common.prepare_cache(args.cache_dir)
     common.seed_everything(args.seed)
     t0 = time.perf_counter()
 
@@ -123,17 +120,20 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     teacher_train = render(train_x, train_y, args.teacher_config, args.spurious_frac, args.train_renders, mean_digit, gen)
     student_train = render(train_x, train_y, args.student_config, args.spurious_frac, args.train_renders, mean_digit, gen)
-    test_gen = torch.Generator().manual_seed(12345)  # the same test sets for every seed
+    test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
     cf_sets = {name: render(test_x, test_y, name, 1.0, args.test_renders, mean_digit, test_gen) for name in TEST_CONFIGS}
+    teacher_heldout, student_heldout = (render(test_x, test_y, config, args.spurious_frac, 1, mean_digit, test_gen)
+                                        for config in (args.teacher_config, args.student_config))
     print(f"data: {args.data}, {len(train_y)} training digits x {args.train_renders}, "
           f"test sets of {len(cf_sets['I'].y)}; teacher on {args.teacher_config}, student on {args.student_config}")
 
     # ------------------------------------------------------------------------- teacher
-    teacher, cached, teacher_s = common.get_teacher(
+    teacher, teacher_record = common.get_teacher(
         args, device, build=lambda: common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width),
-        train=teacher_train, data_key={"experiment": EXPERIMENT, "data": args.data, "n_train": args.n_train,
-                                       "config": args.teacher_config, "spurious_frac": args.spurious_frac,
-                                       "train_renders": args.train_renders})
+        train=teacher_train, heldout=teacher_heldout,
+        data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
+                  "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
+                  "config": args.teacher_config, "spurious_frac": args.spurious_frac, "train_renders": args.train_renders})
 
     # ------------------------------------------------------------------------- student
     common.seed_everything(args.seed + 1)
@@ -141,9 +141,10 @@ def main():
     run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = common.final_result(EXPERIMENT, args, device, student, cf_sets, run, cached, teacher_s)
+    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, student_heldout, run,
+                                 teacher_record, DATA_VERSION)
     result["timing"]["total_s"] = time.perf_counter() - t0
-    common.print_table(result["teacher"]["eval"], result["student"]["eval"])
+    common.print_table(result)
     common.write_result(out_path, result)
     print(f"result: {out_path}")
 

@@ -58,7 +58,8 @@ import common
 EXPERIMENT = "waterbirds"
 MECHANISMS = "IA"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "minority")
-GENERATOR_VERSION = 2  # bump when the generator changes (part of the teacher cache key)
+DATA_VERSION = 2  # bump when the generator changes (part of the teacher cache key and of every result)
+MAX_IMAGE_SIZE = 512
 REAL_CONFIGS = ("IA", "I+rA")  # what the real folder can give without bird masks
 NUM_CLASSES = 2
 GROUP_NAMES = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
@@ -68,7 +69,7 @@ METADATA_COLUMNS = ("img_filename", "y", "split", "place")
 
 # conflict_handler="resolve" lets this script re-declare common's --arch with more choices
 # (torchvision's ImageNet ResNets); the later definition replaces the earlier one cleanly.
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], conflict_handler="resolve",
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], conflict_handler="resolve", allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Configurations: IA (background matches the bird for --spurious-frac of "
                                         "the images), I+rA (random background), I (neutral background), A (no bird).")
@@ -374,6 +375,10 @@ def real_data(args, gen: torch.Generator) -> tuple[dict, dict]:
     rows = read_metadata(args.data_root)
     train = load_split(args.data_root, rows, 0, args.n_train or 0, args.image_size, gen)
     test = load_split(args.data_root, rows, 2, args.n_test or 0, args.image_size, gen)
+    lacking = [GROUP_NAMES[g] for g in range(4) if not (test.group == g).any()]
+    if lacking:
+        raise common.UserError(f"the test split ({len(test.y)} images) lacks group(s) {', '.join(lacking)}, so "
+                               f"group accuracies cannot be measured; use a larger --n-test or the full folder")
     y, place = test.y, test.group % 2
     majority, minority = place == y, place != y
     tests = {"IA": common.TensorSet(test.x[majority], y[majority], test.group[majority]), "I+rA": test,
@@ -415,7 +420,7 @@ class TorchvisionNet(nn.Module):
 
 def build_model(arch: str, width: int, pretrained: bool) -> nn.Module:
     if arch == "cnn":
-        return common.he_init(common.build_model(arch, 3, NUM_CLASSES, width))
+        return common.build_model(arch, 3, NUM_CLASSES, width)
     return TorchvisionNet(arch, NUM_CLASSES, pretrained)
 
 
@@ -438,8 +443,9 @@ def print_group_table(teacher_eval: dict, student_eval: dict) -> None:
 
 def check_args(args) -> None:
     common.check_common_args(args)
-    if args.image_size < 16 or min(args.n_train or 0, args.n_test or 0) < 0:
-        raise common.UserError("--image-size must be at least 16; --n-train and --n-test at least 0")
+    if not 16 <= args.image_size <= MAX_IMAGE_SIZE or min(args.n_train or 0, args.n_test or 0) < 0:
+        raise common.UserError(f"--image-size must be between 16 and {MAX_IMAGE_SIZE}; --n-train and --n-test at "
+                               f"least 0")
     if args.pretrained and args.arch == "cnn":
         raise common.UserError("--pretrained needs an ImageNet architecture: add --arch resnet18 or --arch resnet50")
     for config in (args.teacher_config, args.student_config):
@@ -461,16 +467,26 @@ def check_args(args) -> None:
         args.spurious_frac = common.check_fraction(frac, "--spurious-frac")
         if (args.n_train is not None and args.n_train < 8) or (args.n_test is not None and args.n_test < 8):
             raise common.UserError("--n-train and --n-test must be at least 8 for the generated data")
+        # a scene holds about 16 float channels (bird, mask, two backgrounds, composed images)
+        needed = ((args.n_train or 4000) + (args.n_test or 800)) * 16 * args.image_size ** 2 * 4
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory / 2:
+            raise common.UserError(f"--image-size {args.image_size} with {args.n_train or 4000} training and "
+                                   f"{args.n_test or 800} test images needs about {needed / 2 ** 30:.0f} GiB of "
+                                   f"memory, more than half of this machine's {memory / 2 ** 30:.0f} GiB; lower "
+                                   f"--image-size or --n-train")
 
 
 def main():
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.teacher_steps, args.eval_every = min(args.steps, 20), min(args.teacher_steps, 40), 10
+        args.steps, args.teacher_steps = min(args.steps, 20), min(args.teacher_steps, 40)
+        args.eval_every = 10 if args.eval_every is None else args.eval_every
         args.n_train, args.n_test = args.n_train or 256, args.n_test or 64
     check_args(args)
     device = common.resolve_device(args.device)
     out_path = common.prepare_output(args.out or common.default_out(EXPERIMENT, args))
+    common.prepare_cache(args.cache_dir)
     common.seed_everything(args.seed)
     t0 = time.perf_counter()
 
@@ -479,11 +495,15 @@ def main():
         scenes = Scenes(args.n_train or 4000, args.image_size, gen)
         trains = {c: training_set(scenes, c, args.spurious_frac, gen)
                   for c in (args.teacher_config, args.student_config)}
-        test_gen = torch.Generator().manual_seed(12345)  # the same test sets for every seed
-        cf_sets = generated_test_sets(Scenes(args.n_test or 800, args.image_size, test_gen), test_gen)
-        del scenes
-    else:
+        test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
+        test_scenes = Scenes(args.n_test or 800, args.image_size, test_gen)
+        cf_sets = generated_test_sets(test_scenes, test_gen)
+        heldout = {c: training_set(test_scenes, c, args.spurious_frac, test_gen)
+                   for c in (args.teacher_config, args.student_config)}
+        del scenes, test_scenes
+    else:  # the real test split has only the sets that the real training configurations can have
         trains, cf_sets = real_data(args, gen)
+        heldout = cf_sets
     teacher_train, student_train = trains[args.teacher_config], trains[args.student_config]
     frac = float("nan") if student_train.group is None else \
         (student_train.group % 2 == student_train.y).float().mean().item()
@@ -493,9 +513,10 @@ def main():
           f"teacher on {args.teacher_config}, student on {args.student_config}")
 
     # ------------------------------------------------------------------------- teacher
-    teacher, cached, teacher_s = common.get_teacher(
+    teacher, teacher_record = common.get_teacher(
         args, device, build=lambda: build_model(args.arch, args.teacher_width, args.pretrained), train=teacher_train,
-        data_key={"experiment": EXPERIMENT, "data": args.data, "generator": GENERATOR_VERSION,
+        heldout=heldout[args.teacher_config],
+        data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
                   "data_root": os.path.abspath(args.data_root) if args.data_root else None,
                   "n_train": args.n_train, "image_size": args.image_size, "config": args.teacher_config,
                   "spurious_frac": args.spurious_frac, "pretrained": args.pretrained})
@@ -506,10 +527,11 @@ def main():
     run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = common.final_result(EXPERIMENT, args, device, student, cf_sets, run, cached, teacher_s)
+    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, heldout[args.student_config],
+                                 run, teacher_record, DATA_VERSION)
     result["groups"] = dict(enumerate(GROUP_NAMES))
     result["timing"]["total_s"] = time.perf_counter() - t0
-    common.print_table(result["teacher"]["eval"], result["student"]["eval"])
+    common.print_table(result)
     print()
     print_group_table(result["teacher"]["eval"], result["student"]["eval"])
     common.write_result(out_path, result)

@@ -7,10 +7,19 @@ through `--cache-dir`: the scripts lock each teacher while training it, so two w
 train the same teacher; the runner also starts one cell per teacher first, so that the teachers
 train side by side instead of waiting on each other's lock.
 
+Resume rule: an existing JSON counts as done only if it was made with its cell's settings, i.e.
+the arguments the script recorded (provenance.argv) are those the grid would pass now, --out and
+--cache-dir aside. If any existing file differs (other settings, an older file without
+provenance, an unreadable file) the grid refuses before running anything, with --slurm and
+--dry-run too: use another --results folder or delete the file. A result the script flagged as
+suspect still counts as done (a rerun would flag it again); figures and tables leave it out.
+
     python analysis/grid.py exp_colored_mnist.py --mechanisms IA --seeds 0 1 --results results/grid
     python analysis/grid.py exp_colored_mnist.py --mechanisms IA --slurm grid.sbatch   # cluster
 
-Arguments after `--` go to every call of the script unchanged (e.g. `-- --steps 150`).
+Arguments after `--` go to every call of the script unchanged (e.g. `-- --steps 150`), except the
+flags the grid sets for each cell (--teacher-config, --student-config, --loss, --seed, --out,
+--cache-dir), in full or abbreviated.
 """
 from __future__ import annotations
 
@@ -19,7 +28,9 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +38,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -44,7 +56,7 @@ def default_workers(threads: int = 1) -> int:
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+                                 epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
 parser.add_argument("script", help="the experiment script, e.g. exp_colored_mnist.py")
 parser.add_argument("--mechanisms", default=None,
                     help="letters of the experiment's mechanisms, e.g. IA: teachers and students default to every "
@@ -105,8 +117,9 @@ def make_cells(teachers: list[str], students: list[str], losses: list[str], seed
 
 
 def is_done(path: str) -> bool:
-    """A cell is done when its JSON exists and parses (the scripts write atomically; a broken file
-    left by something else is run again)."""
+    """The JSON exists and parses: after a cell's process ends, or when another runner finished it
+    meanwhile (the scripts write atomically). Whether it has the cell's settings is checked once,
+    before anything runs, by `check_existing`."""
     try:
         with open(path) as f:
             return isinstance(json.load(f), dict)
@@ -114,10 +127,127 @@ def is_done(path: str) -> bool:
         return False
 
 
-def command(args, cell: Cell) -> list[str]:
+def cell_args(args, cell: Cell) -> list[str]:
+    """The arguments of one call of the script (after its path), as the script sees them in sys.argv[1:]."""
     out = os.path.join(args.results, f"{cell.name}.json")
-    return [args.python, args.script, "--teacher-config", cell.teacher, "--student-config", cell.student,
-            "--loss", cell.loss, "--seed", str(cell.seed), "--out", out, "--cache-dir", args.cache_dir, *args.extra]
+    return ["--teacher-config", cell.teacher, "--student-config", cell.student, "--loss", cell.loss,
+            "--seed", str(cell.seed), "--out", out, "--cache-dir", args.cache_dir, *args.extra]
+
+
+def command(args, cell: Cell) -> list[str]:
+    return [args.python, args.script, *cell_args(args, cell)]
+
+
+# flags the grid sets for each cell: arguments after -- must not repeat or abbreviate them
+RESERVED = tuple(a for a in cell_args(argparse.Namespace(results="", cache_dir="", extra=[]), Cell("I", "I", "kl", 0))
+                 if a.startswith("--"))
+WHERE_ONLY = ("--out", "--cache-dir")  # where the result and the teachers go: they do not change the numbers
+
+
+def shadowed_flag(arg: str) -> Optional[str]:
+    """The grid's flag that `arg` would set in the script (equal, `--flag=value`, or an abbreviation,
+    which argparse accepts by default), or None."""
+    if not arg.startswith("--") or arg == "--":
+        return None
+    name = arg.split("=", 1)[0]
+    hits = [f for f in RESERVED if f.startswith(name)]
+    return " or ".join(hits) if hits else None
+
+
+def settings_of(argv: list[str]) -> list[str]:
+    """`argv` without --out and --cache-dir and their values (`--out X` or `--out=X`)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in WHERE_ONLY:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in WHERE_ONLY)):
+            kept.append(a)
+    return kept
+
+
+def _is_flag(arg: str) -> bool:
+    if not arg.startswith("-") or arg == "-":
+        return False
+    try:
+        float(arg)  # a negative number is a value
+        return False
+    except ValueError:
+        return True
+
+
+def _options(argv: list[str]) -> dict[str, list[tuple]]:
+    """{flag: [values of each occurrence]}, `--flag=value` read as `--flag value`: argparse gives
+    both lists the same settings when only the order of distinct flags differs."""
+    opts: dict[str, list[tuple]] = {}
+    flag, values = "", []
+    for a in [*argv, "--"]:  # the sentinel closes the last flag
+        if _is_flag(a):
+            if flag or values:
+                opts.setdefault(flag, []).append(tuple(values))
+            name, eq, value = a.partition("=")
+            flag, values = (name, [value]) if eq and name.startswith("--") else (a, [])
+        else:
+            values.append(a)
+    return opts
+
+
+def _show(flag: str, occurrences: list[tuple]) -> str:
+    return " ".join(" ".join([flag, *values]).strip() for values in occurrences)
+
+
+def argv_difference(stored: list[str], wanted: list[str]) -> str:
+    """What differs between the settings of two argument lists (--out and --cache-dir aside); '' when nothing."""
+    a, b = _options(settings_of(stored)), _options(settings_of(wanted))
+    parts = []
+    for flag in dict.fromkeys([*a, *b]):
+        if flag not in b:
+            parts.append(f"it has {_show(flag, a[flag])}, which the grid does not pass")
+        elif flag not in a:
+            parts.append(f"it lacks {_show(flag, b[flag])}")
+        elif a[flag] != b[flag]:
+            parts.append(f"it has {_show(flag, a[flag])}, the grid passes {_show(flag, b[flag])}")
+    return "; ".join(parts)
+
+
+def existing_mismatch(path: str, wanted: list[str]) -> str:
+    """Why the existing result at `path` does not count as done for a cell whose script arguments
+    are `wanted` ('' when it does)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot be read ({e.__class__.__name__})"
+    except ValueError:
+        return "is not valid JSON"
+    provenance = data.get("provenance") if isinstance(data, dict) else None
+    argv = provenance.get("argv") if isinstance(provenance, dict) else None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        return "records no provenance.argv (an older file, or not a result), so its settings are unknown"
+    diff = argv_difference(argv, wanted)
+    return f"was made with other settings ({diff})" if diff else ""
+
+
+def check_existing(args, cells: list[Cell]) -> list[Cell]:
+    """The cells still to run. A cell whose JSON exists is done only if it was made with the cell's
+    settings (flagged results too: a rerun would flag them again); any other existing file is a
+    UserError before anything runs, since skipping it would mix settings in one folder."""
+    todo, bad = [], []
+    for c in cells:
+        path = os.path.join(args.results, f"{c.name}.json")
+        if not os.path.lexists(path):
+            todo.append(c)
+            continue
+        why = existing_mismatch(path, cell_args(args, c))
+        if why:
+            bad.append((path, why))
+    if bad:
+        path, why = bad[0]
+        more = f" ({len(bad) - 1} more of this grid's files do not match either)" if len(bad) > 1 else ""
+        raise UserError(f"{path} exists but {why}{more}; it would count as done: use another --results folder "
+                        f"or delete the file{'s' if more else ''}")
+    return todo
 
 
 # ----------------------------------------------------------------------------- local pool
@@ -326,6 +456,60 @@ def slurm_script(args, cells: list[Cell], todo: list[Cell]) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+TIME_RE = re.compile(r"^(?:(\d+)-(\d{1,2})(?::(\d{1,2})(?::(\d{1,2}))?)?"   # D-HH[:MM[:SS]]
+                     r"|(\d+)(?::(\d{1,2})(?::(\d{1,2}))?)?)$")                # MM, MM:SS, HH:MM:SS
+MEM_RE = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
+
+
+def slurm_minutes(text: str) -> Optional[float]:
+    """Minutes of a SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS), None if malformed."""
+    m = TIME_RE.match(text)
+    if not m:
+        return None
+    d, dh, dm, ds, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if d is not None:
+        if dh > 23 or (dm or 0) > 59 or (ds or 0) > 59:
+            return None
+        return d * 1440 + dh * 60 + (dm or 0) + (ds or 0) / 60
+    if c is not None:  # HH:MM:SS
+        return None if b > 59 or c > 59 else a * 60 + b + c / 60
+    if b is not None:  # MM:SS
+        return None if b > 59 else a + b / 60
+    return float(a)
+
+
+def check_options(args) -> None:
+    """Reject bad values of the grid's own flags before anything runs or is written."""
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if os.sep in args.python or (os.altsep and os.altsep in args.python):
+        if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+            raise UserError(f"--python {args.python} is not an executable file; pass e.g. --python {sys.executable}")
+    elif shutil.which(args.python) is None:
+        raise UserError(f"--python {args.python} is not found on PATH; pass its full path, e.g. {sys.executable}")
+    minutes = slurm_minutes(args.slurm_time)
+    if minutes is None:
+        raise UserError(f"--slurm-time '{args.slurm_time}' is not a SLURM time; write MM, MM:SS, HH:MM:SS, D-HH, "
+                        f"D-HH:MM or D-HH:MM:SS, e.g. 02:00:00")
+    if minutes <= 0:
+        raise UserError(f"--slurm-time must be positive, got '{args.slurm_time}'")
+    mem = MEM_RE.match(args.slurm_mem)
+    if not mem or int(mem.group(1)) <= 0:
+        raise UserError(f"--slurm-mem '{args.slurm_mem}' is not a positive amount; write e.g. 8G, 500M or 8000")
+    args.slurm_mem = args.slurm_mem.upper()
+    if args.slurm_gpus < 0:
+        raise UserError(f"--slurm-gpus must be 0 or more, got {args.slurm_gpus}")
+    if args.slurm_max_parallel is not None and args.slurm_max_parallel < 1:
+        raise UserError(f"--slurm-max-parallel must be at least 1, got {args.slurm_max_parallel}")
+    for a in args.extra:
+        flag = shadowed_flag(a)
+        if flag:
+            raise UserError(f"'{a}' after -- would set the script's {flag}, which the grid sets for each cell; "
+                            f"remove it (use the grid's own options, e.g. --seeds, --results, --cache-dir)")
+
+
 def main() -> int:
     argv = sys.argv[1:]
     extra = []
@@ -337,9 +521,7 @@ def main() -> int:
     if not os.path.isfile(args.script):
         raise UserError(f"experiment script {args.script} not found; pass e.g. exp_colored_mnist.py")
     args.script = os.path.abspath(args.script)
-    for flag in ("--teacher-config", "--student-config", "--loss", "--seed", "--out", "--cache-dir"):
-        if any(a == flag or a.startswith(flag + "=") for a in extra):
-            raise UserError(f"{flag} is set by the grid for each cell; remove it from the arguments after --")
+    check_options(args)
     if args.mechanisms is None and (args.teachers is None or args.students is None):
         raise UserError("say which configurations to run: --mechanisms IA, or --teachers ... and --students ...")
     if args.mechanisms is not None and not args.mechanisms.isalpha():
@@ -351,14 +533,12 @@ def main() -> int:
             raise UserError(f"'{config}' is not a configuration; write e.g. I, IA, I+rA or rI+A")
     if args.workers is None:
         args.workers = default_workers(args.threads)
-    if args.workers < 1 or args.threads < 1:
-        raise UserError("--workers and --threads must be at least 1")
     name = os.path.splitext(os.path.basename(args.script))[0]
     args.results = os.path.abspath(args.results or os.path.join(ROOT, "results", name.removeprefix("exp_")))
     args.cache_dir = os.path.abspath(args.cache_dir)
     cells = make_cells(list(dict.fromkeys(teachers)), list(dict.fromkeys(students)), args.losses,
                        list(dict.fromkeys(args.seeds)))
-    todo = [c for c in cells if not is_done(os.path.join(args.results, f"{c.name}.json"))]
+    todo = check_existing(args, cells)
     if args.dry_run:
         for c in cells:
             print(("todo  " if c in todo else "done  ") + shlex.join(command(args, c)))

@@ -4,7 +4,9 @@ Every figure and table of `analysis/` goes through this file, so that they all a
 run is, which runs belong together, and how mean, spread and confidence intervals are computed.
 
 A *cell* is (experiment, method, teacher configuration, student configuration); its runs differ
-only by seed. The *method* is the loss, plus the settings that tell two variants of the same loss
+only by seed. A run counts as a whole or not at all: one whose metrics (teacher, student or curves)
+hold a non-finite number or null, or whose `flags` list is non-empty (e.g. the student did not fit
+its distillation data), is skipped with a warning, so that every mean is over complete, trusted runs. The *method* is the loss, plus the settings that tell two variants of the same loss
 apart when a folder holds both (e.g. `kl [temperature=1.0]` and `kl [temperature=4.0]`).
 """
 from __future__ import annotations
@@ -50,26 +52,34 @@ class Run:
     teacher_eval: dict
     curves: list = field(default_factory=list)  # [(step, {test set: {metric: value}})]
     method: str = ""
+    nonfinite: list = field(default_factory=list)  # metric keys whose value is null, NaN or infinite
+    flags: list = field(default_factory=list)  # the script's reasons to distrust the run
 
 
 class BadResult(ValueError):
     """A JSON file that is not (or no longer) a complete result of this project."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
+def _flatten(d: dict, prefix: str = "", bad: Optional[list] = None, where: str = "") -> dict[str, float]:
+    """Numbers of a nested dict under dotted keys. Null and non-finite values (the scripts write
+    non-finite numbers as null, older files as bare NaN) are left out and their keys, prefixed
+    with `where`, go to `bad`: the caller decides what such a run is worth."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.update(_flatten(v, f"{prefix}{k}.", bad, where))
+        elif v is None or (isinstance(v, float) and not math.isfinite(v)):
+            if bad is not None:
+                bad.append(f"{where}{prefix}{k}")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = float(v)
     return out
 
 
-def _eval_block(block, what: str) -> dict[str, dict[str, float]]:
+def _eval_block(block, what: str, bad: list) -> dict[str, dict[str, float]]:
     if not isinstance(block, dict) or not block or not all(isinstance(m, dict) for m in block.values()):
         raise BadResult(f"{what} is missing or not {{test set: metrics}}")
-    return {name: _flatten(m) for name, m in block.items()}
+    return {name: _flatten(m, bad=bad, where=f"{what}.{name}.") for name, m in block.items()}
 
 
 def parse_result(data, path: str = "") -> Run:
@@ -90,17 +100,35 @@ def parse_result(data, path: str = "") -> Run:
     student, teacher = data["student"], data["teacher"]
     if not isinstance(student, dict) or not isinstance(teacher, dict):
         raise BadResult("'student' or 'teacher' is not an object")
-    s_eval = _eval_block(student.get("eval"), "student.eval")
-    t_eval = _eval_block(teacher.get("eval"), "teacher.eval")
-    if not any(s_eval.values()):
+    flags = data.get("flags", [])  # missing in files written before the scripts flagged runs
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise BadResult("'flags' is not a list of strings")
+    bad: list[str] = []
+    s_eval = _eval_block(student.get("eval"), "student.eval", bad)
+    t_eval = _eval_block(teacher.get("eval"), "teacher.eval", bad)
+    if not any(s_eval.values()) and not bad:
         raise BadResult("student.eval holds no numbers")
     curves = []
     for point in student.get("curves") or []:
         if isinstance(point, dict) and isinstance(point.get("step"), int) and isinstance(point.get("eval"), dict):
-            curves.append((point["step"], {n: _flatten(m) for n, m in point["eval"].items() if isinstance(m, dict)}))
+            where = f"student.curves[step {point['step']}]."
+            curves.append((point["step"], {n: _flatten(m, bad=bad, where=f"{where}{n}.")
+                                           for n, m in point["eval"].items() if isinstance(m, dict)}))
     settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
     return Run(path, data["experiment"], str(config["teacher_config"]), str(config["student_config"]),
-               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves)
+               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves, nonfinite=bad, flags=flags)
+
+
+def skip_reason(run: Run) -> str:
+    """Why a run must not enter any mean ('' when it may): a null or non-finite metric (its other
+    numbers come from a diverged or broken run too) or a flag the script raised."""
+    reasons = []
+    if run.nonfinite:
+        more = f" and {len(run.nonfinite) - 3} more" if len(run.nonfinite) > 3 else ""
+        reasons.append(f"null or non-finite {', '.join(run.nonfinite[:3])}{more}")
+    if run.flags:
+        reasons.append(f"flagged: {'; '.join(run.flags)}")
+    return "; ".join(reasons)
 
 
 def _assign_methods(runs: list[Run]) -> None:
@@ -120,7 +148,9 @@ def _assign_methods(runs: list[Run]) -> None:
 
 def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[Run]:
     """All result JSON files under `folder` (recursively). Files that are not results of ours, or
-    are truncated, are skipped with one warning that counts them; no usable file is a UserError."""
+    are truncated, are skipped with one warning that counts them. Runs with a null or non-finite
+    metric or a non-empty `flags` list are skipped whole, one warning line each plus a line that
+    counts them. No usable run is a UserError."""
     if not os.path.isdir(folder):
         raise UserError(f"results folder {folder} does not exist; pass the folder the experiments wrote to")
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
@@ -128,7 +158,7 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
     if not paths:
         raise UserError(f"no result JSON files in {folder}; run an exp_*.py script with --out {folder}/NAME.json "
                         f"or analysis/grid.py --results {folder} first")
-    runs, skipped, seen = [], [], {}
+    runs, skipped, suspect, seen = [], [], [], {}
     for path in paths:
         try:
             with open(path) as f:
@@ -140,6 +170,9 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
         except ValueError as e:  # json.JSONDecodeError and BadResult
             reason = str(e) if isinstance(e, BadResult) else "not valid JSON (truncated?)"
             skipped.append((path, reason))
+            continue
+        if skip_reason(run):
+            suspect.append(run)
             continue
         runs.append(run)
     _assign_methods(runs)
@@ -157,7 +190,15 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
         if len(skipped) > 10:
             lines.append(f"  ... and {len(skipped) - 10} more")
         warn("\n".join(lines))
+    if suspect:
+        for r in suspect:
+            warn(f"warning: skipped run {r.path}: {' '.join(skip_reason(r).split())}")  # one line each
+        nonfinite, flagged = sum(bool(r.nonfinite) for r in suspect), sum(bool(r.flags) for r in suspect)
+        warn(f"warning: skipped {len(suspect)} of {len(runs) + len(suspect)} runs: {nonfinite} with null or "
+             f"non-finite metrics, {flagged} flagged (each run is left out whole, so no mean mixes it in)")
     if not unique:
+        if suspect:
+            raise UserError(f"every run in {folder} was skipped (see the warnings above); nothing to summarise")
         raise UserError(f"none of the {len(paths)} JSON files in {folder} is a result of this project "
                         f"(see the warning above)")
     return unique

@@ -178,6 +178,62 @@ def test_only_foreign_files_is_a_user_error(tmp_path):
         R.load_results(str(tmp_path), warn=lambda m: None)
 
 
+def spoil(data, where):
+    """`data` with one number made null / NaN / infinite, or with a flag, as a diverged or suspect run writes it."""
+    if where == "student null":
+        data["student"]["eval"]["I"]["acc"] = None
+    elif where == "student NaN (older file)":
+        data["student"]["eval"]["I"]["acc"] = float("nan")  # json.dumps writes a bare NaN
+    elif where == "teacher Infinity":
+        data["teacher"]["eval"]["A"]["acc"] = float("inf")
+    elif where == "curve null":
+        data["student"]["curves"][0]["eval"]["I"]["kl"] = None
+    elif where == "group null":
+        data["student"]["eval"]["A"]["groups"]["1"] = None
+    elif where == "flagged":
+        data["flags"] = ["student did not fit its distillation data (train acc 0.41)"]
+    return data
+
+
+@pytest.mark.parametrize("where", ["student null", "student NaN (older file)", "teacher Infinity", "curve null",
+                                   "group null", "flagged"])
+def test_a_run_with_a_nonfinite_metric_or_a_flag_is_skipped_whole(tmp_path, where):
+    write(tmp_path, "s0.json", {**result(seed=0, evals={"I": 0.6, "A": 0.2}, groups=True), "flags": []})
+    write(tmp_path, "s1.json", spoil(result(seed=1, evals={"I": 0.8, "A": 0.4}, groups=True), where))
+    write(tmp_path, "s2.json", result(seed=2, evals={"I": 0.7, "A": 0.3}, groups=True))  # older file: no flags key
+    warnings = []
+    runs = R.load_results(str(tmp_path), warn=warnings.append)
+    assert sorted(r.seed for r in runs) == [0, 2]
+    # the spoiled run's other metrics are left out too: kl of A is (0.8 + 0.7) / 2, not also 0.6's
+    rows = {(r["test_set"], r["metric"]): r for m in ("kl", "acc") for r in R.aggregate(runs, m)}
+    assert rows[("A", "kl")]["n"] == 2 and rows[("A", "kl")]["mean"] == pytest.approx(0.75)
+    assert rows[("I", "acc")]["seeds"] == [0, 2]
+    assert R.curve_stats(runs, "I", "kl")[1][0].n == 2
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert warnings[0].startswith(f"warning: skipped run {tmp_path / 's1.json'}: ")
+    reason = {"student null": "student.eval.I.acc", "student NaN (older file)": "student.eval.I.acc",
+              "teacher Infinity": "teacher.eval.A.acc", "curve null": "student.curves[step 5].I.kl",
+              "group null": "student.eval.A.groups.1", "flagged": "flagged: student did not fit"}[where]
+    assert reason in warnings[0]
+    assert warnings[1].startswith("warning: skipped 1 of 3 runs: ")
+
+
+def test_cli_reports_skipped_runs_on_stderr_and_all_skipped_is_an_error(tmp_path, cli):
+    write(tmp_path, "a.json", result(seed=0, evals={"I": 0.6}))
+    write(tmp_path, "b.json", spoil(result(seed=1, evals={"I": 0.2}), "flagged"))
+    write(tmp_path, "c.json", spoil(result(seed=2, evals={"I": 0.9}), "student null"))
+    r = cli("table.py", tmp_path, "--metric", "kl", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1].split(",")[-1] == "0.4"  # run a alone: kl = 1 - 0.6
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3 and "b.json: flagged" in lines[0] and "c.json: null or non-finite" in lines[1]
+    assert lines[2] == ("warning: skipped 2 of 3 runs: 1 with null or non-finite metrics, 1 flagged "
+                        "(each run is left out whole, so no mean mixes it in)")
+    os.remove(tmp_path / "a.json")
+    r = cli("figures.py", tmp_path, "--out", tmp_path / "f")
+    assert r.returncode == 2 and "error: every run in" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("script", ["figures.py", "table.py"])
 def test_cli_bad_folders_give_one_line_no_traceback(tmp_path, script, cli):
     empty = run_script(script, tmp_path, *(["--out", tmp_path / "f"] if script == "figures.py" else []))
@@ -313,7 +369,7 @@ cfg = {"teacher_config": a.teacher_config, "student_config": a.student_config, "
        "steps": a.steps}
 with open(a.out, "w") as f:
     json.dump({"experiment": "fake", "config": cfg, "teacher": {"eval": {"I": {"acc": 0.9}}},
-               "student": {"eval": m, "curves": []}}, f)
+               "student": {"eval": m, "curves": []}, "flags": [], "provenance": {"argv": sys.argv[1:]}}, f)
 '''
 
 
@@ -336,9 +392,23 @@ def fake(tmp_path):
     return run_grid, calls, tmp_path, env
 
 
+def cell_argv(tmp_path, name, *extra, out=None, cache_dir=None):
+    """The arguments the fake grid passes to the script for cell `name` (e.g. I_IA_kl_seed0)."""
+    teacher, student, loss, seed = name.split("_")
+    return ["--teacher-config", teacher, "--student-config", student, "--loss", loss, "--seed", seed.removeprefix("seed"),
+            "--out", out or str(tmp_path / "res" / f"{name}.json"), "--cache-dir", cache_dir or str(tmp_path / "cache"),
+            *extra]
+
+
+def done_cell(tmp_path, name, *extra, **kw):
+    """A result of cell `name` made with the grid's arguments (plus `extra` after --)."""
+    return write(tmp_path / "res", f"{name}.json", {**result(), "provenance": {"argv": cell_argv(tmp_path, name, *extra)},
+                                                     **kw})
+
+
 def test_grid_runs_missing_cells_only(fake):
     run_grid, calls, tmp_path, _ = fake
-    write(tmp_path / "res", "I_IA_kl_seed0.json", result())
+    done_cell(tmp_path, "I_IA_kl_seed0", "--steps", "3")
     r = run_grid("--", "--steps", "3")
     assert r.returncode == 0, r.stderr
     assert "4 cells, 1 done already, running 3" in r.stdout
@@ -410,12 +480,117 @@ def test_grid_skips_a_cell_another_runner_holds(fake):
 def test_grid_bad_arguments(fake):
     run_grid, _, tmp_path, _ = fake
     r = run_grid("--", "--seed", "3")
-    assert r.returncode == 2 and r.stderr.startswith("error: --seed is set by the grid")
+    assert r.returncode == 2 and r.stderr.startswith("error: '--seed' after -- would set the script's --seed")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "grid.py"), "nope.py", "--mechanisms", "IA"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nope.py not found" in r.stderr
     r = run_grid("--teachers", "I", "x y")
     assert r.returncode == 2 and "'x y' is not a configuration" in r.stderr
+
+
+@pytest.fixture
+def grid_cli(tmp_path, capsys, monkeypatch):
+    """Run grid.py in this process, as run_cli would (bad input is rejected before any cell starts):
+    (returncode, stdout, stderr)."""
+    script = tmp_path / "exp_fake.py"
+    script.write_text(FAKE)
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["grid.py", str(script), "--teachers", "I", "--students", "IA", "--losses", "kl",
+                                          "--seeds", "0", "--results", str(tmp_path / "res"), *map(str, args)])
+        code = 0
+        try:
+            grid.run_cli(lambda: sys.exit(grid.main()))
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return run
+
+
+def not_executable(tmp_path):
+    path = tmp_path / "python-text"
+    path.write_text("not a program")
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--python", "/nonexistent/python3"], "--python /nonexistent/python3 is not an executable file"),
+    (["--python", not_executable], "is not an executable file"),
+    (["--python", "no-such-python-9z"], "--python no-such-python-9z is not found on PATH"),
+    (["--slurm-time", "-1"], "--slurm-time '-1' is not a SLURM time"),
+    (["--slurm-time", "0"], "--slurm-time must be positive"),
+    (["--slurm-time", "0-00:00"], "--slurm-time must be positive"),
+    (["--slurm-time", "2h"], "is not a SLURM time"),
+    (["--slurm-time", "02:75:00"], "is not a SLURM time"),
+    (["--slurm-time", "1:02:03:04"], "is not a SLURM time"),
+    (["--slurm-mem=-8G"], "--slurm-mem '-8G' is not a positive amount"),  # argparse takes '-8G' alone for a flag
+    (["--slurm-mem", "0"], "is not a positive amount"),
+    (["--slurm-mem", "8GB"], "is not a positive amount"),
+    (["--slurm-gpus", "-1"], "--slurm-gpus must be 0 or more, got -1"),
+    (["--slurm-max-parallel", "0"], "--slurm-max-parallel must be at least 1, got 0"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--threads", "-2"], "--threads must be at least 1, got -2"),
+    (["--", "--see", "5"], "'--see' after -- would set the script's --seed, which the grid sets"),
+    (["--", "--seed=5"], "'--seed=5' after -- would set the script's --seed"),
+    (["--", "--steps", "2", "--lo=ce"], "'--lo=ce' after -- would set the script's --loss"),
+    (["--", "--cache", "x"], "would set the script's --cache-dir"),
+    (["--", "--s", "1"], "would set the script's --student-config or --seed"),
+])
+def test_grid_rejects_bad_options_before_anything_runs(grid_cli, tmp_path, bad, message):
+    bad = [b(tmp_path) if callable(b) else b for b in bad]
+    at = bad.index("--") if "--" in bad else len(bad)
+    for extra in ([], ["--slurm", tmp_path / "g.sbatch"]):
+        r = grid_cli(*bad[:at], *extra, *bad[at:])
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr
+        assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
+    assert not (tmp_path / "res").exists() and not (tmp_path / "g.sbatch").exists()
+
+
+def test_grid_accepts_every_slurm_time_format_and_no_abbreviations(grid_cli, tmp_path):
+    for time_limit in ("90", "30:00", "02:00:00", "1-12", "1-12:30", "1-12:30:15"):
+        r = grid_cli("--slurm", tmp_path / "g.sbatch", "--slurm-time", time_limit, "--slurm-mem", "500m",
+                     "--slurm-gpus", "0", "--python", "sh", "--", "--steps", "2")  # a name found on PATH
+        assert r.returncode == 0, r.stderr
+        text = (tmp_path / "g.sbatch").read_text()
+        assert f"#SBATCH --time={time_limit}\n" in text and "#SBATCH --mem=500M\n" in text
+    with pytest.raises(SystemExit):  # the grid's own flags are not abbreviated either
+        grid.parser.parse_args(["exp_fake.py", "--mech", "IA"])
+
+
+def test_grid_resumes_only_results_made_with_the_cells_settings(fake):
+    run_grid, calls, tmp_path, _ = fake
+    # --out and --cache-dir do not change the numbers; a flagged result is done too
+    write(tmp_path / "res", "I_IA_kl_seed0.json",
+          {**result(), "provenance": {"argv": cell_argv(tmp_path, "I_IA_kl_seed0", "--steps", "5", out="/elsewhere/x.json",
+                                                        cache_dir="/other/cache")}})
+    done_cell(tmp_path, "A_IA_kl_seed0", "--steps=5", flags=["student did not fit its distillation data"])
+    r = run_grid("--dry-run", "--", "--steps", "5")
+    assert r.returncode == 0, r.stderr
+    assert sum(l.startswith("done  ") for l in r.stdout.splitlines()) == 2
+    mismatched = done_cell(tmp_path, "I_IA_ce_seed0", "--steps", "3")
+    for extra in (["--dry-run"], ["--slurm", str(tmp_path / "g.sbatch")], []):
+        r = run_grid(*extra, "--", "--steps", "5")
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stdout == ""
+        assert r.stderr.startswith(f"error: {mismatched} exists but was made with other settings")
+        assert "it has --steps 3, the grid passes --steps 5" in r.stderr
+        assert "use another --results folder or delete the file" in r.stderr
+    assert not calls() and not (tmp_path / "g.sbatch").exists() and not (tmp_path / "res" / "logs").exists()
+
+
+@pytest.mark.parametrize("content, why", [
+    (result(), "records no provenance.argv (an older file"),
+    ('{"experiment": "fake", "provenance": ', "is not valid JSON"),
+])
+def test_grid_refuses_results_of_unknown_settings(fake, content, why):
+    run_grid, calls, tmp_path, _ = fake
+    done_cell(tmp_path, "I_IA_kl_seed0")
+    old = write(tmp_path / "res", "A_IA_ce_seed0.json", content)
+    write(tmp_path / "res", "I_IA_ce_seed0.json", content)
+    r = run_grid()
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and not calls()
+    assert r.stderr.startswith(f"error: {old} exists but {why}")
+    assert "(1 more of this grid's files do not match either)" in r.stderr and "delete the files" in r.stderr
 
 
 # ----------------------------------------------------------------------------- grid runner: SLURM
@@ -425,7 +600,7 @@ SBATCH_OPTIONS = {"job-name", "array", "ntasks", "cpus-per-task", "mem", "time",
 
 def test_slurm_script_is_valid_sbatch_input(fake):
     run_grid, calls, tmp_path, env = fake
-    write(tmp_path / "res", "I_IA_kl_seed0.json", result())
+    done_cell(tmp_path, "I_IA_kl_seed0", "--steps", "2")
     r = run_grid("--slurm", str(tmp_path / "grid.sbatch"), "--slurm-partition", "gpu", "--slurm-gpus", "1",
                  "--slurm-max-parallel", "2", "--", "--steps", "2")
     assert r.returncode == 0, r.stderr
@@ -468,16 +643,22 @@ def test_slurm_script_is_valid_sbatch_input(fake):
 def test_grid_with_the_real_script_trains_each_teacher_once(tmp_path):
     """Two workers, two cells that need the same teacher: the cache lock makes one train it and
     the other load it."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "grid.py"), os.path.join(ROOT, "exp_colored_mnist.py"),
-                        "--teachers", "IA", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--workers", "2",
-                        "--results", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"),
-                        "--", "--smoke", "--n-train", "100", "--steps", "5", "--teacher-steps", "10"],
-                       capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), os.path.join(ROOT, "exp_colored_mnist.py"),
+           "--teachers", "IA", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--workers", "2",
+           "--results", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"),
+           "--", "--smoke", "--n-train", "100", "--steps", "5", "--teacher-steps", "10"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     logs = [(tmp_path / "res" / "logs" / f"IA_IA_{l}_seed0.log").read_text() for l in ("kl", "ce")]
     assert sum("teacher: training" in log for log in logs) == 1
     assert sum("teacher: loaded from cache" in log for log in logs) == 1
-    assert len(R.load_results(str(tmp_path / "res"))) == 2
+    for loss in ("kl", "ce"):  # results of ours (5 steps may leave them flagged as unfit: the analysis skips those)
+        with open(tmp_path / "res" / f"IA_IA_{loss}_seed0.json") as f:
+            R.parse_result(json.load(f))
+    # the script records the arguments the grid passed: the same command counts both cells done
+    at = cmd.index("--")
+    r = subprocess.run([*cmd[:at], "--dry-run", *cmd[at:]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and [l[:6] for l in r.stdout.splitlines()] == ["done  ", "done  "], r.stdout + r.stderr
 
 
 def test_runs_that_differ_in_a_shared_setting_are_flagged(tmp_path):

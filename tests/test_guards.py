@@ -1,0 +1,314 @@
+"""Guards that stop a meaningless run (a teacher at chance, a non-finite model), the flag on a student
+that never fit its data, strict JSON, provenance, the teacher cache's safety and the bad inputs
+found by probing. Each failure must be one `error:` line, exit 2, no result and nothing cached."""
+import errno
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import common  # noqa: E402
+import exp_cifar_patch  # noqa: E402
+import exp_colored_mnist  # noqa: E402
+import exp_waterbirds  # noqa: E402
+from test_cifar_patch import write_cifar  # noqa: E402
+from test_colored_mnist import write_idx  # noqa: E402
+from test_waterbirds import write_folder  # noqa: E402
+
+SCRIPTS = {"colored_mnist": exp_colored_mnist, "waterbirds": exp_waterbirds, "cifar_patch": exp_cifar_patch}
+
+
+def run_main(module, argv, monkeypatch, capsys):
+    """The command-line path (common.run_cli around main) in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py"] + [str(a) for a in argv])
+    with pytest.raises(SystemExit) as info:
+        common.run_cli(module.main)
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return info.value.code, cap.out, cap.err
+
+
+def assert_one_error(code, err, *words):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def cached_teachers(cache):
+    return sorted(f for f in os.listdir(cache) if f.endswith(".pt")) if os.path.isdir(cache) else []
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def test_a_teacher_at_chance_stops_before_distilling(tmp_path, monkeypatch, capsys):
+    out, cache = tmp_path / "r.json", tmp_path / "cache"
+    code, stdout, err = run_main(exp_colored_mnist, ["--teacher-steps", "1", "--steps", "1", "--n-train", "300",
+                                                     "--out", out, "--cache-dir", cache], monkeypatch, capsys)
+    assert_one_error(code, err, "teacher reaches only", "floor 0.550", "--teacher-min-acc")
+    assert "student (" not in stdout and not out.exists() and cached_teachers(cache) == []
+
+
+def test_the_floor_is_a_flag(tmp_path, monkeypatch, capsys):
+    out, cache = tmp_path / "r.json", tmp_path / "cache"
+    code, _, err = run_main(exp_colored_mnist, ["--teacher-steps", "1", "--steps", "1", "--n-train", "300",
+                                                "--teacher-min-acc", "0", "--out", out, "--cache-dir", cache],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["teacher"]["floor"] == 0 and 0 <= result["teacher"]["heldout_acc"] <= 1
+
+
+def spoil(model):
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    return model
+
+
+def test_a_teacher_that_turns_nan_on_its_last_step_is_neither_cached_nor_used(tmp_path, monkeypatch, capsys):
+    train = common.train_teacher
+    monkeypatch.setattr(common, "train_teacher", lambda *a, **k: spoil(train(*a, **k)))
+    out, cache = tmp_path / "r.json", tmp_path / "cache"
+    code, _, err = run_main(exp_colored_mnist, ["--smoke", "--out", out, "--cache-dir", cache], monkeypatch, capsys)
+    assert_one_error(code, err, "teacher has non-finite values", "--teacher-lr")
+    assert not out.exists() and cached_teachers(cache) == []
+
+
+def test_a_broken_cached_teacher_points_to_retrain(tmp_path, monkeypatch, capsys):
+    out, cache = tmp_path / "r.json", tmp_path / "cache"
+    argv = ["--smoke", "--loss", "kl", "--out", out, "--cache-dir", cache]
+    assert run_main(exp_colored_mnist, argv, monkeypatch, capsys)[0] == 0
+    [name] = cached_teachers(cache)
+    saved = torch.load(cache / name, weights_only=True)
+    next(iter(saved["state_dict"].values())).fill_(float("nan"))
+    torch.save(saved, cache / name)
+    out.unlink()
+    code, _, err = run_main(exp_colored_mnist, argv, monkeypatch, capsys)
+    assert_one_error(code, err, "teacher has non-finite values", "--retrain-teacher")
+    assert not out.exists()
+    assert run_main(exp_colored_mnist, argv + ["--retrain-teacher"], monkeypatch, capsys)[0] == 0
+
+
+def test_a_student_that_turns_nan_on_its_last_step_writes_nothing(tmp_path, monkeypatch, capsys):
+    distill = common.distill
+
+    def nan_on_last_step(student, *a, **k):
+        run = distill(student, *a, **k)
+        spoil(student)
+        return run
+    monkeypatch.setattr(common, "distill", nan_on_last_step)
+    out = tmp_path / "r.json"
+    code, _, err = run_main(exp_cifar_patch, ["--smoke", "--out", out, "--cache-dir", tmp_path / "c"], monkeypatch, capsys)
+    assert_one_error(code, err, "student has non-finite values", "--lr")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the student's fit, strict JSON, provenance
+
+def test_student_fit_uses_accuracy_or_agreement():
+    torch.manual_seed(0)
+    teacher = common.freeze(common.SmallCNN(3, 4, 4))
+    x = torch.rand(64, 3, 8, 8)
+    y = common.predict(teacher, x).argmax(1)
+    data = common.TensorSet(x, (y + 1) % 4)  # labels the teacher never gives
+    args = lambda loss: type("Args", (), {"loss": loss, "student_config": "IA", "student_min_fit": 0.9})  # noqa: E731
+    fit = common.student_fit(args("kl"), teacher, teacher, data)  # a perfect imitator of its teacher
+    assert fit["acc"] == 0 and fit["agreement"] == 1 and fit["ok"]
+    fit = common.student_fit(args("ce"), teacher, teacher, data)  # a label-trained student is judged on labels
+    assert fit["fit"] == 0 and not fit["ok"]
+
+
+def test_a_student_that_did_not_fit_is_flagged_in_json_and_table(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.json"
+    code, stdout, err = run_main(exp_waterbirds, ["--smoke", "--steps", "1", "--out", out, "--cache-dir", tmp_path / "c"],
+                                 monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert not result["student"]["fit"]["ok"] and result["student"]["fit"]["fit"] < 0.9
+    assert len(result["flags"]) == 1 and result["flags"][0].startswith("student_fit")
+    assert "FLAGGED: student_fit" in stdout
+
+
+def test_result_json_is_strict(tmp_path):
+    path = tmp_path / "r.json"
+    common.write_result(str(path), {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
+
+    def refuse(name):
+        raise ValueError(f"bare {name}")
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
+
+
+def test_provenance_and_a_cache_key_that_names_the_data_root(tmp_path, monkeypatch, capsys):
+    keys = []
+    for copy in ("one", "two"):  # the same files in two folders: two teachers
+        raw = tmp_path / copy / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for prefix, n in (("train", 120), ("t10k", 40)):
+            write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), np.random.default_rng(1).integers(0, 256, (n, 28, 28)))
+            write_idx(str(raw / f"{prefix}-labels-idx1-ubyte"), np.arange(n) % 10)
+        out = tmp_path / f"{copy}.json"
+        code, stdout, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path / copy,
+                                                         "--out", out, "--cache-dir", tmp_path / "cache"],
+                                     monkeypatch, capsys)
+        assert code == 0, err
+        assert "loaded from cache" not in stdout
+        result = json.loads(out.read_text())
+        prov = result["provenance"]
+        keys.append(prov["teacher_cache_key"])
+        assert prov["test_seed"] == common.TEST_SEED and prov["data_version"] == exp_colored_mnist.DATA_VERSION
+        assert prov["torch"] == torch.__version__ and prov["numpy"] == np.__version__ and prov["scikit-learn"]
+        assert prov["commit"] is None or len(prov["commit"]) == 40
+        assert "--data-root" in prov["argv"]
+    assert keys[0] != keys[1] and len(cached_teachers(tmp_path / "cache")) == 2
+
+
+# ----------------------------------------------------------------------------- bad input, before any training
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("argv, words", [
+    (["--lr", "nan"], ["--lr", "positive finite"]),
+    (["--teacher-lr", "inf"], ["--teacher-lr"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--seed", "18446744073709551616"], ["--seed"]),
+    (["--device", "mps"], ["--device 'mps'"]),
+    (["--out", "OUTDIR"], ["is a folder"]),
+    (["--out", "OUTDIR/"], ["is a folder"]),
+    (["--cache-dir", "AFILE"], ["--cache-dir", "is a file"]),
+    (["--cache-dir", "AFILE/below"], ["cannot create --cache-dir"]),
+    (["--eval-every", "0"], ["--eval-every"]),
+])
+def test_bad_input_is_one_line_before_training(script, argv, words, tmp_path, monkeypatch, capsys):
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("")
+    argv = [a.replace("OUTDIR", str(tmp_path / "outdir")).replace("AFILE", str(tmp_path / "afile")) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "r.json")]
+    if "--cache-dir" not in argv:
+        argv += ["--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setattr(common, "train_teacher", lambda *a, **k: pytest.fail("trained before the check"))
+    code, _, err = run_main(SCRIPTS[script], ["--smoke"] + argv, monkeypatch, capsys)
+    assert_one_error(code, err, *words)
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "outdir" / "r.json").exists()
+
+
+def test_an_image_size_too_large_is_refused(tmp_path, monkeypatch, capsys):
+    code, _, err = run_main(exp_waterbirds, ["--image-size", "100000000", "--out", tmp_path / "r.json"],
+                            monkeypatch, capsys)
+    assert_one_error(code, err, "--image-size")
+    code, _, err = run_main(exp_waterbirds, ["--image-size", "512", "--n-train", "100000000", "--out", tmp_path / "r.json"],
+                            monkeypatch, capsys)
+    assert_one_error(code, err, "GiB of memory")
+
+
+def test_a_real_waterbirds_test_split_without_every_group_is_refused(tmp_path, monkeypatch, capsys):
+    write_folder(tmp_path / "wb")
+    cache = tmp_path / "cache"
+    code, _, err = run_main(exp_waterbirds, ["--data", "waterbirds", "--data-root", tmp_path / "wb", "--n-test", "1",
+                                             "--smoke", "--out", tmp_path / "r.json", "--cache-dir", cache],
+                            monkeypatch, capsys)
+    assert_one_error(code, err, "lacks group", "--n-test")
+    assert cached_teachers(cache) == []
+
+
+def write_mnist(root, images_train=None, labels_train=None):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), rng.integers(0, 256, (n, 28, 28)))
+        write_idx(str(raw / f"{prefix}-labels-idx1-ubyte"), np.arange(n) % 10)
+    return raw
+
+
+def test_garbage_mnist_files_are_one_error_line(tmp_path, monkeypatch, capsys):
+    raw = write_mnist(tmp_path)
+    for name in os.listdir(raw):  # torchvision's reader fails on these with an AssertionError without a message
+        (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    code, _, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path,
+                                                "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
+                            monkeypatch, capsys)
+    assert_one_error(code, err, "cannot read MNIST")
+    code, _, err = run_main(exp_cifar_patch, ["--smoke", "--dominoes", "--teacher-config", "IB", "--domino-data", "mnist",
+                                              "--data-root", tmp_path, "--out", tmp_path / "r.json",
+                                              "--cache-dir", tmp_path / "c"], monkeypatch, capsys)
+    assert_one_error(code, err, "cannot read MNIST")
+
+
+def test_mnist_labels_out_of_range_are_refused(tmp_path, monkeypatch, capsys):
+    raw = write_mnist(tmp_path)
+    write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(60) % 12)
+    code, _, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path,
+                                                "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
+                            monkeypatch, capsys)
+    assert_one_error(code, err, "labels must be 0..9")
+
+
+def test_cifar_batches_without_images_are_refused(tmp_path, monkeypatch, capsys):
+    write_cifar(str(tmp_path), per_batch=0)
+    code, _, err = run_main(exp_cifar_patch, ["--smoke", "--data", "cifar10", "--data-root", tmp_path,
+                                              "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
+                            monkeypatch, capsys)
+    assert_one_error(code, err, "0 images")
+
+
+# ----------------------------------------------------------------------------- the teacher cache
+
+def tiny_teacher_args(tmp_path):
+    x, y = torch.rand(32, 3, 8, 8), torch.arange(32) % 2
+    data = common.TensorSet(x, y)
+    build = lambda: common.SmallCNN(3, 2, 4)  # noqa: E731
+    train = lambda m: common.train_teacher(m, data, steps=2, batch_size=16, lr=0.01,  # noqa: E731
+                                           device=torch.device("cpu"), seed=0)
+    return build, train, str(tmp_path / "cache")
+
+
+def test_a_read_only_cache_serves_the_teachers_it_holds(tmp_path, monkeypatch):
+    build, train, cache = tiny_teacher_args(tmp_path)
+    config = {"teacher": 1}
+    cpu = torch.device("cpu")
+    model, cached = common.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
+    assert not cached
+    before = sorted(os.listdir(cache))
+    monkeypatch.setattr(common, "prepare_cache", lambda folder: False)  # what a read-only folder answers
+    again, cached = common.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
+    assert cached and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert sorted(os.listdir(cache)) == before  # not even a lock file was made
+    with pytest.raises(common.UserError, match="read-only"):
+        common.load_or_train_teacher({"teacher": 2}, build, train, lambda m, c: None, cache, cpu)
+
+
+def test_a_full_disk_leaves_no_half_written_teacher(tmp_path, monkeypatch):
+    build, train, cache = tiny_teacher_args(tmp_path)
+    cpu = torch.device("cpu")
+    save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    logged = []
+    model, cached = common.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu, log=logged.append)
+    assert not cached and any("could not be cached" in line for line in logged)
+    assert [f for f in os.listdir(cache) if not f.endswith(".lock")] == []  # no .pt, no .json, no temporary file
+    monkeypatch.setattr(torch, "save", save)
+    _, cached = common.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu)
+    assert not cached and len(cached_teachers(cache)) == 1  # the next run trains and caches it
+
+
+def test_a_teacher_rejected_by_its_check_is_not_cached(tmp_path):
+    build, train, cache = tiny_teacher_args(tmp_path)
+
+    def reject(model, cached):
+        raise common.UserError("no")
+    with pytest.raises(common.UserError):
+        common.load_or_train_teacher({"t": 1}, build, train, reject, cache, torch.device("cpu"))
+    assert cached_teachers(cache) == []
