@@ -33,6 +33,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abb
 parser.add_argument("--scripts", nargs="+", default=list(CHECKS), choices=list(CHECKS), help="scripts (default: all)")
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
 parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="OMP_NUM_THREADS values (default 1 2)")
+parser.add_argument("--cache-dir", default=None,
+                    help="keep the teachers in DIR/threads<T> (default: a temporary folder); they are always retrained")
 parser.add_argument("--smoke", action="store_true", help="pass --smoke to the scripts (a seconds-long check of this tool)")
 
 
@@ -48,8 +50,9 @@ def main() -> None:
             for threads in args.threads:
                 for seed in args.seeds:
                     out = os.path.join(tmp, f"{script}_{seed}_{threads}.json")
+                    cache = os.path.join(args.cache_dir or tmp, f"threads{threads}")
                     cmd = [sys.executable, os.path.join(ROOT, script), "--seed", str(seed), "--steps", "1",
-                           "--eval-every", "1", "--cache-dir", os.path.join(tmp, f"cache{threads}"), "--out", out]
+                           "--eval-every", "1", "--retrain-teacher", "--cache-dir", cache, "--out", out]
                     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
                     start = time.perf_counter()
                     proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), env=env, capture_output=True,
