@@ -51,3 +51,14 @@ def test_profile_run_reports_a_failing_script(tmp_path):
                            os.path.join(ROOT, "exp_colored_mnist.py"), "--", "--loss", "nope"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_check_teachers_reports_each_teacher_and_fails_below_the_bar(tmp_path):
+    """--smoke teachers train for seconds and stay far below the bars: every row says BELOW, exit 2."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "check_teachers.py"), "--smoke",
+                           "--scripts", "exp_cifar_patch.py", "--seeds", "0", "1", "--threads", "1",
+                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("exp_cifar_patch.py")]
+    assert [line.split()[1] for line in rows] == ["0", "1"] and all(line.endswith("BELOW") for line in rows)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: 2 teacher(s) failed or stayed below the bar"
+    assert len([f for f in os.listdir(tmp_path / "threads1") if f.endswith(".pt")]) == 2
