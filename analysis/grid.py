@@ -342,15 +342,19 @@ def run_local(args, todo: list[Cell], total: int) -> int:
         bar, say = None, print
     t0, done, failed, busy = time.perf_counter(), 0, [], []
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C and SIGTERM only set a flag that the loop checks: an exception raised at an arbitrary
+    # point could leave a lock of concurrent.futures held, and the pool would then never shut down.
+    stop_requested = threading.Event()
+    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop_requested.set()) for sig in handled}
     executor = ThreadPoolExecutor(max_workers=workers)
     futures = {executor.submit(pool.run, c): c for c in todo}
     try:
         pending = set(futures)
         while pending:
-            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            if stop_requested.is_set():
+                raise KeyboardInterrupt
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in finished:
                 cell = futures[fut]
                 status, seconds = fut.result()
@@ -387,7 +391,8 @@ def run_local(args, todo: list[Cell], total: int) -> int:
               f"rerun the same command to finish them", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     executor.shutdown(wait=True)
     if bar is not None:
         bar.close()
