@@ -444,9 +444,11 @@ def test_grid_interrupt_then_resume(fake, how):
     cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(tmp_path / "exp_fake.py"), "--teachers", "I",
            "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--results", str(tmp_path / "res"),
            "--workers", "1"]
-    # a runner started in the background by a shell script ignores SIGINT, and so do its cells
-    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if how != "ctrl-c" else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint,
+    # a runner started in the background by a shell script ignores SIGINT, and so do its cells; an interactive
+    # one gets the default (set explicitly: pytest itself may run in the background, with SIGINT ignored)
+    sigint = signal.SIG_DFL if how == "ctrl-c" else signal.SIG_IGN
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
                             env={**env, "FAKE_BLOCK_TEACHER": "A", "FAKE_STARTED": str(started)})
     deadline = time.time() + 60
     while not started.exists() and time.time() < deadline and proc.poll() is None:
