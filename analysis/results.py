@@ -324,7 +324,7 @@ def config_order(names: Iterable[str], letters: str) -> list[str]:
 # ----------------------------------------------------------------------------- categories
 
 def category(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
-    """Category of a (teacher, student, test set) cell (PAPER.md), from the label-carrying mechanisms
+    """Category of a (teacher, student, test set) cell (defined in docs/grid_and_figures.md), from the label-carrying mechanisms
     T, S, K of the three configurations (randomised mechanisms do not count):
 
       similarity  K is inside both S and T

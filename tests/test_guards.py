@@ -150,11 +150,7 @@ def test_result_json_is_strict(tmp_path):
 def test_provenance_and_a_cache_key_that_names_the_data_root(tmp_path, monkeypatch, capsys):
     keys = []
     for copy in ("one", "two"):  # the same files in two folders: two teachers
-        raw = tmp_path / copy / "MNIST" / "raw"
-        raw.mkdir(parents=True)
-        for prefix, n in (("train", 120), ("t10k", 40)):
-            write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), np.random.default_rng(1).integers(0, 256, (n, 28, 28)))
-            write_idx(str(raw / f"{prefix}-labels-idx1-ubyte"), np.arange(n) % 10)
+        write_mnist(tmp_path / copy)
         out = tmp_path / f"{copy}.json"
         code, stdout, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path / copy,
                                                          "--out", out, "--cache-dir", tmp_path / "cache"],
@@ -219,7 +215,8 @@ def test_a_real_waterbirds_test_split_without_every_group_is_refused(tmp_path, m
     assert cached_teachers(cache) == []
 
 
-def write_mnist(root, images_train=None, labels_train=None):
+def write_mnist(root):
+    """Tiny MNIST idx files under root/MNIST/raw, the same bytes every time."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
