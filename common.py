@@ -576,11 +576,12 @@ def _check_finite(loss: torch.Tensor, step: int, what: str) -> None:
                         f"Lower --lr or --alpha and run again")
 
 
-def check_model_finite(model: nn.Module, name: str, x: torch.Tensor, fix: str) -> None:
-    """Raise UserError when a trained model's parameters or its outputs on `x` are not finite: a
-    NaN made by the very last update is not caught by the loss check, which runs before it."""
+def check_model_finite(model: nn.Module, name: str, outputs: torch.Tensor, fix: str) -> None:
+    """Raise UserError when a trained model's parameters or its `outputs` (logits on held-out data)
+    are not finite: a NaN made by the very last update is not caught by the loss check, which
+    runs before it."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if not bad and not torch.isfinite(predict(model, x)).all():
+    if not bad and not torch.isfinite(outputs).all():
         bad = ["its outputs"]
     if bad:
         raise UserError(f"the {name} has non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
@@ -930,8 +931,8 @@ def get_teacher(args, device: torch.device, build: Callable[[], nn.Module], trai
     def check(model: nn.Module, cached: bool) -> None:
         fix = ("It came from the cache: pass --retrain-teacher." if cached else
                "Train it differently (--teacher-lr, --teacher-steps, --teacher-optimizer) and run again.")
-        check_model_finite(model, "teacher", heldout.x, fix)
         logits = predict(model, heldout.x).cpu()
+        check_model_finite(model, "teacher", logits, fix)
         acc = (logits.argmax(1) == heldout.y.cpu()).float().mean().item()
         floor = teacher_floor(args, logits.shape[1])
         record.update(heldout_acc=acc, floor=floor)
@@ -951,12 +952,12 @@ def default_out(experiment: str, args) -> str:
     return os.path.join("results", experiment, f"{args.teacher_config}_{args.student_config}_{args.loss}_seed{args.seed}.json")
 
 
-def student_fit(args, student: nn.Module, teacher: nn.Module, heldout: TensorSet) -> dict:
+def student_fit(args, student_logits: torch.Tensor, teacher: nn.Module, heldout: TensorSet) -> dict:
     """How well the student fits held-out data of its own distillation configuration: its accuracy,
     or its agreement with the teacher, whichever is higher (a distilled student imitates the
     teacher, whose answers need not be the labels). Below --student-min-fit the run is flagged:
     a student that never fit its data says nothing about what it learned from the teacher."""
-    s_pred = predict(student, heldout.x).argmax(1).cpu()
+    s_pred = student_logits.argmax(1).cpu()
     acc = (s_pred == heldout.y.cpu()).float().mean().item()
     agreement = (s_pred == predict(teacher, heldout.x).argmax(1).cpu()).float().mean().item()
     fit = acc if args.loss == "ce" else max(acc, agreement)
@@ -969,12 +970,13 @@ def final_result(experiment: str, args, device: torch.device, teacher: nn.Module
                  data_version: int) -> dict:
     """Check the student, evaluate teacher and student on every counterfactual set and assemble the
     result JSON. The teacher's logits on the sets come from `run` (distill computed them)."""
-    check_model_finite(student, "student", student_heldout.x,
+    student_logits = predict(student, student_heldout.x)
+    check_model_finite(student, "student", student_logits,
                        "Lower --lr (or --alpha) and run again; the teacher is fine and stays cached.")
     teacher_logits = run["teacher_logits"]
     teacher_eval = {name: teacher_metrics(teacher_logits[name], s.y.cpu(), None if s.group is None else s.group.cpu())
                     for name, s in cf_sets.items()}
-    fit = student_fit(args, student, teacher, student_heldout)
+    fit = student_fit(args, student_logits, teacher, student_heldout)
     flags = [] if fit["ok"] else [f"student_fit: the student fits held-out {fit['config']} only {fit['fit']:.3f} "
                                   f"(floor {fit['floor']:.2f})"]
     record = dict(teacher_record)
