@@ -1,26 +1,19 @@
-"""Shared pieces of every experiment: models, losses, metrics, training loops, caching, output.
+"""What every experiment shares: data as tensors, configurations, models, losses, metrics and the
+training loops, with the two settings dataclasses that say how a teacher is trained and how a
+student is distilled.
 
 Each `exp_*.py` script builds its own spurious data set as tensors and calls into this file for
-everything else. Read `README.md` for the vocabulary (mechanisms I/A/B, configurations such as
-`I+rA`, counterfactual test sets).
+the science. The machinery around a run (flags, devices, the teacher cache, result files) lives in
+`harness.py`, so that this file reads as the method alone. `README.md` defines the vocabulary
+(mechanisms I/A/B, configurations such as `I+rA`, counterfactual test sets).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import fcntl
-import hashlib
-import json
 import math
-import os
-import platform
 import random
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -31,52 +24,59 @@ import torch.nn.functional as F
 LOSSES = ("ce", "kl", "jacobian", "contrastive")
 JACOBIAN_METHODS = ("auto", "explicit", "loop", "batched", "vmap")
 TEST_SEED = 12345  # the counterfactual test sets are drawn with this seed: the same sets for every --seed
-MAX_SEED = 2 ** 31 - 2  # numpy takes seeds below 2**32; the student uses seed + 1
 
 
-# ----------------------------------------------------------------------------- errors, devices, seeds
+# ----------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How a teacher is trained: cross-entropy, SGD with Nesterov momentum (or Adam, which uses
+    neither `momentum` nor `weight_decay`), cosine decay of the learning rate from `lr` to
+    `lr * min_lr_frac`. All of it is part of the teacher cache's key."""
+    arch: str = "cnn"
+    width: int = 32
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    min_lr_frac: float = 0.01
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student is distilled. `loss`: ce (labels only), kl (Hinton's KL to the teacher's
+    softened outputs, times T^2 when `t2_scale`), jacobian ((1 - alpha) KL + alpha Jacobian
+    distance), contrastive ((1 - alpha) KL + alpha InfoNCE). Adam (no weight decay) with cosine
+    decay from `lr` to `lr * min_lr_frac`: the losses differ in scale by orders of magnitude, and
+    Adam's step size does not. The student is built from `arch`, `width` and `seed + 1`; its
+    batches and random projections come from `seed`."""
+    loss: str = "kl"
+    arch: str = "cnn"
+    width: int = 16
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_frac: float = 0.01
+    alpha: float = 0.5
+    temperature: float = 4.0
+    t2_scale: bool = True
+    jacobian_method: str = "auto"      # auto: the fastest measured for the device and model
+    jacobian_estimator: str = "exact"  # exact: all classes, or the teacher's top_k; projection: random directions
+    projections: int = 1
+    top_k: Optional[int] = None
+    contrastive_temperature: float = 0.1
+    contrastive_dim: int = 128
+    eval_every: int = 60               # steps between two points of the curves (0: none)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- errors, seeds, configurations
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file): printed as one line, no traceback."""
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run `main`, turning UserError, Ctrl-C and SIGTERM (a grid runner stopping its cells, a
-    cluster's time limit) into one clear line and a non-zero exit."""
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: no result was written", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` means CUDA when present, else CPU. Only CPU and CUDA are supported (the Jacobian
-    methods and timings were checked on those)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
-        raise UserError(f"unsupported --device '{name}'; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -85,39 +85,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
-def _version(module: str) -> Optional[str]:
-    try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or broken: record that rather than fail the run
-        return None
-
-
-def git_state() -> dict:
-    """The commit of the code that ran and whether the work tree had uncommitted changes."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)  # noqa: E731
-        commit = run("rev-parse", "HEAD")
-        if commit.returncode != 0:
-            return {"commit": None, "dirty": None}
-        status = run("status", "--porcelain", "--untracked-files=no")
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):  # no git, or not a clone
-        return {"commit": None, "dirty": None}
-
-
-def environment(device: torch.device) -> dict:
-    """What ran the experiment, stored in every result: code, library versions, hardware."""
-    env = {**git_state(), "argv": sys.argv[1:], "python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__, "scikit-learn": _version("sklearn"), "torchvision": _version("torchvision"),
-           "device": str(device), "platform": platform.platform(), "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
-# ----------------------------------------------------------------------------- configurations
 
 class TensorSet(NamedTuple):
     """A data set held as tensors: images [N, C, H, W] in [0, 1], labels [N], optional groups [N]."""
@@ -160,57 +127,14 @@ def spurious_values(y: torch.Tensor, frac: float, num_values: int, generator: to
     return torch.where(carries, y, other)
 
 
-def sklearn_digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 1,797 handwritten digits that ship with scikit-learn (offline), resized to size x size
-    in [0, 1], split 70/30 the same way for every seed: (train_x, train_y, test_x, test_y)."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
-    y = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    test, train = perm[:len(y) * 3 // 10], perm[len(y) * 3 // 10:]
-    return x[train], y[train], x[test], y[test]
-
-
-def torchvision_digits(name: str, root: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torchvision's MNIST or FashionMNIST from `root` as [N, 28, 28] in [0, 1] with labels
-    (train_x, train_y, test_x, test_y); anything unreadable or out of range is a UserError."""
-    from torchvision import datasets
-    expected = f"expected {os.path.join(root, name, 'raw')}/*-ubyte[.gz], or add --download"
-    try:
-        train = getattr(datasets, name)(root, train=True, download=download)
-        test = getattr(datasets, name)(root, train=False, download=download)
-    except Exception as e:  # RuntimeError for missing files; AssertionError, ValueError, ... for corrupt ones
-        raise UserError(f"cannot read {name} from {root}: {first_line(e)} ({expected})")
-    out = []
-    for split in (train, test):
-        x, y = split.data, split.targets
-        if len(x) == 0 or len(x) != len(y) or x.dim() != 3 or y.min() < 0 or y.max() >= 10:
-            raise UserError(f"{name} in {root} holds {len(x)} images with {len(y)} labels of shape {tuple(x.shape)} "
-                            f"(labels must be 0..9); replace the files with the originals ({expected})")
-        out += [x.float() / 255, y.long()]
-    return tuple(out)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type when it has none (a bare assert)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def check_fraction(value: float, flag: str) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise UserError(f"{flag} must be in [0, 1], got {value}")
-    return value
-
-
 # ----------------------------------------------------------------------------- models
 
 class SmallCNN(nn.Module):
     """Three conv blocks and global average pooling; `width` sets the size (teacher > student).
 
-    No BatchNorm, so per-sample input Jacobians never mix samples.
+    No BatchNorm, so per-sample input Jacobians never mix samples. He-normal init: with torch's
+    default the pooled features barely vary between natural-looking images (about 1e-3), so a
+    local shape cue is not learned at all while a global one (a colour) is.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
@@ -225,7 +149,10 @@ class SmallCNN(nn.Module):
         )
         self.feature_dim = 4 * w
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-        he_init(self)
+        for m in self.body:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -331,18 +258,6 @@ def build_model(arch: str, in_channels: int, num_classes: int, width: int) -> nn
     raise UserError(f"unknown architecture '{arch}'; use cnn or resnet18")
 
 
-def he_init(model: nn.Module) -> nn.Module:
-    """He-normal conv weights and zero biases, in place. With torch's default init the SmallCNN's
-    pooled features barely vary between natural-looking images (about 1e-3), so a local shape cue is
-    not learned at all while a global one (a colour) is; the image scripts use this for their CNNs."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return model
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients: the teacher never changes during distillation."""
     model.eval()
@@ -383,15 +298,15 @@ def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor, hea
 
 
 def class_selectors(num_classes: int, batch: int, device: torch.device,
-                    top_classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    classes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows of the Jacobian to compute, as vectors over classes: [K, B, C].
 
-    All classes (K = C) by default, or per-sample classes `top_classes` [B, K] (the teacher's top-k).
+    All classes (K = C) by default, or per-sample classes `classes` [B, K] (the teacher's top-k).
     """
-    if top_classes is None:
+    if classes is None:
         eye = torch.eye(num_classes, device=device)
         return eye[:, None, :].expand(num_classes, batch, num_classes)
-    return F.one_hot(top_classes.t(), num_classes).float()
+    return F.one_hot(classes.t(), num_classes).float()
 
 
 def projection_selectors(num_projections: int, batch: int, num_classes: int, device: torch.device,
@@ -460,19 +375,12 @@ def default_jacobian_method(device: torch.device, model: Optional[nn.Module] = N
     return "explicit" if hasattr(model, "input_vjp") else "loop"
 
 
-def jacobian_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, method: str = "auto",
-                  top_k: Optional[int] = None) -> torch.Tensor:
-    """Jacobian matching (Srinivas and Fleuret, 2018): batch mean of ||Jt - Js||_2 where J is the
-    per-sample Jacobian of the logits with respect to the input, all classes (or the teacher's
-    top-k), flattened and L2-normalised. The teacher side is computed without a graph."""
-    with torch.no_grad():
-        teacher_logits = teacher(x)
-    num_classes = teacher_logits.shape[1]
-    top = teacher_logits.topk(top_k, dim=1).indices if top_k is not None and top_k < num_classes else None
-    selectors = class_selectors(num_classes, len(x), x.device, top)
-    _, teacher_jac = input_jacobian(teacher, x, selectors, create_graph=False, method=method)
-    _, student_jac = input_jacobian(student, x, selectors, create_graph=True, method=method)
-    return jacobian_distance(student_jac, teacher_jac)
+def top_classes(teacher_logits: torch.Tensor, top_k: Optional[int]) -> Optional[torch.Tensor]:
+    """The teacher's top-k classes per sample, [B, k], whose Jacobian rows are matched; None when
+    `top_k` is unset or covers every class (then all rows are)."""
+    if top_k is None or top_k >= teacher_logits.shape[1]:
+        return None
+    return teacher_logits.topk(top_k, 1).indices
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -559,51 +467,38 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
             step += 1
 
 
-def _optimizer(params, lr: float, steps: int, kind: str = "sgd"):
-    """SGD with Nesterov momentum (teachers) or Adam (students: the distillation losses differ in
-    scale by orders of magnitude, and Adam's step size does not), both with cosine decay."""
+def _optimizer(params, cfg, kind: str):
+    """SGD with Nesterov momentum or Adam, with cosine decay from cfg.lr to cfg.lr * cfg.min_lr_frac."""
     if kind == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(params, lr=cfg.lr)
     else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.01)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * cfg.min_lr_frac)
     return opt, sched
 
 
-def _check_finite(loss: torch.Tensor, step: int, what: str) -> None:
+def _update(loss: torch.Tensor, opt, sched, step: int, what: str) -> None:
+    """One optimiser step on `loss`, unless it is not finite: then stop the run with the fix."""
     if not torch.isfinite(loss):
         raise UserError(f"the {what} loss became {loss.item()} at step {step}; no result was written. "
                         f"Lower --lr or --alpha and run again")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
-def check_model_finite(model: nn.Module, name: str, outputs: torch.Tensor, fix: str) -> None:
-    """Raise UserError when a trained model's parameters or its `outputs` (logits on held-out data)
-    are not finite: a NaN made by the very last update is not caught by the loss check, which
-    runs before it."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if not bad and not torch.isfinite(outputs).all():
-        bad = ["its outputs"]
-    if bad:
-        raise UserError(f"the {name} has non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
-                        f"no result was written. {fix}")
-
-
-def train_teacher(model: nn.Module, train: TensorSet, *, steps: int, batch_size: int, lr: float,
-                  device: torch.device, seed: int, optimizer: str = "sgd") -> nn.Module:
-    """Cross-entropy training with a cosine schedule; returns the model frozen in eval mode."""
+def train_teacher(model: nn.Module, train: TensorSet, cfg: TeacherConfig, device: torch.device) -> nn.Module:
+    """Cross-entropy training as `cfg` says; returns the model frozen in eval mode."""
     model.to(device).train()
     train = to_device(train, device)
-    opt, sched = _optimizer(model.parameters(), lr, steps, optimizer)
-    gen = torch.Generator().manual_seed(seed)
-    with _progress(steps, "teacher") as bar:
-        for step, idx in enumerate(_batches(len(train.y), batch_size, steps, gen), 1):
+    opt, sched = _optimizer(model.parameters(), cfg, cfg.optimizer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with _progress(cfg.steps, "teacher") as bar:
+        for step, idx in enumerate(_batches(len(train.y), cfg.batch_size, cfg.steps, gen), 1):
             idx = idx.to(device)
             loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
-            _check_finite(loss, step, "teacher")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            _update(loss, opt, sched, step, "teacher")
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix_str(f"loss {loss.item():.3f}")
@@ -620,23 +515,18 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, *, need_jacobian: bool,
         out["features"] = torch.cat([teacher.features(x[i:i + 1024].to(device)) for i in range(0, len(x), 1024)])
     if need_jacobian:
         num_classes = out["logits"].shape[1]
-        rows = top_k if top_k is not None and top_k < num_classes else num_classes
-        size = len(x) * rows * x[0].numel() * 4
-        if size <= max_bytes:
+        rows = num_classes if top_k is None else min(top_k, num_classes)
+        if len(x) * rows * x[0].numel() * 4 <= max_bytes:
             jacs = []
             for i in range(0, len(x), batch_size):
                 xb = x[i:i + batch_size].to(device)
-                top = out["logits"][i:i + batch_size].topk(rows, 1).indices if rows < num_classes else None
-                sel = class_selectors(num_classes, len(xb), device, top)
+                sel = class_selectors(num_classes, len(xb), device, top_classes(out["logits"][i:i + batch_size], top_k))
                 jacs.append(input_jacobian(teacher, xb, sel, create_graph=False, method=method)[1])
             out["jacobian"] = torch.cat(jacs)
     return out
 
 
-def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict, *, loss: str,
-                           alpha: float = 0.5, temperature: float = 4.0, t2_scale: bool = True,
-                           jacobian_method: str = "auto", top_k: Optional[int] = None, estimator: str = "exact",
-                           projections: int = 1, contrastive_temperature: float = 0.1,
+def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict, cfg: DistillConfig,
                            heads: Optional[ContrastiveHeads] = None,
                            generator: Optional[torch.Generator] = None) -> Callable[..., torch.Tensor]:
     """The training loss of one batch, as a function objective(x, y, idx) -> scalar.
@@ -645,88 +535,74 @@ def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict
     `idx` are the batch's rows in it. Where the teacher's Jacobians did not fit in memory they
     are computed per batch, without a graph.
     """
-    def kl_plus(s_logits, idx, aux):
-        return (1 - alpha) * kd_kl(s_logits, targets["logits"][idx], temperature, t2_scale) + alpha * aux
+    def kl(s_logits, idx):
+        return kd_kl(s_logits, targets["logits"][idx], cfg.temperature, cfg.t2_scale)
 
     def objective(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if loss == "ce":
+        if cfg.loss == "ce":
             return F.cross_entropy(student(x), y)
-        if loss == "kl":
-            return kd_kl(student(x), targets["logits"][idx], temperature, t2_scale)
-        if loss == "contrastive":
+        if cfg.loss == "kl":
+            return kl(student(x), idx)
+        if cfg.loss == "contrastive":
             feats = student.features(x)
-            aux = info_nce(feats, targets["features"][idx], heads, contrastive_temperature)
-            return kl_plus(student.classifier(feats), idx, aux)
+            aux = info_nce(feats, targets["features"][idx], heads, cfg.contrastive_temperature)
+            return (1 - cfg.alpha) * kl(student.classifier(feats), idx) + cfg.alpha * aux
         num_classes = targets["logits"].shape[1]
-        if estimator == "projection":
-            sel = projection_selectors(projections, len(x), num_classes, x.device, generator)
+        if cfg.jacobian_estimator == "projection":
+            sel = projection_selectors(cfg.projections, len(x), num_classes, x.device, generator)
         else:
-            top = targets["logits"][idx].topk(top_k, 1).indices if top_k and top_k < num_classes else None
-            sel = class_selectors(num_classes, len(x), x.device, top)
-        s_logits, s_jac = input_jacobian(student, x, sel, create_graph=True, method=jacobian_method)
+            sel = class_selectors(num_classes, len(x), x.device, top_classes(targets["logits"][idx], cfg.top_k))
+        s_logits, s_jac = input_jacobian(student, x, sel, create_graph=True, method=cfg.jacobian_method)
         if "jacobian" not in targets:  # too large to precompute: run the teacher on this batch
-            t_jac = input_jacobian(teacher, x, sel, create_graph=False, method=jacobian_method)[1]
-        elif estimator == "projection":  # project the precomputed full Jacobian
+            t_jac = input_jacobian(teacher, x, sel, create_graph=False, method=cfg.jacobian_method)[1]
+        elif cfg.jacobian_estimator == "projection":  # project the precomputed full Jacobian
             t_jac = torch.einsum("kbc,bcd->bkd", sel, targets["jacobian"][idx])
         else:
             t_jac = targets["jacobian"][idx]
-        return kl_plus(s_logits, idx, jacobian_distance(s_jac, t_jac))
+        return (1 - cfg.alpha) * kl(s_logits, idx) + cfg.alpha * jacobian_distance(s_jac, t_jac)
 
     return objective
 
 
-def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: str, steps: int,
-            batch_size: int, lr: float, device: torch.device, seed: int, alpha: float = 0.5,
-            temperature: float = 4.0, t2_scale: bool = True, jacobian_method: str = "auto",
-            top_k: Optional[int] = None, estimator: str = "exact", projections: int = 1,
-            contrastive_temperature: float = 0.1, cf_sets: Optional[dict[str, TensorSet]] = None,
-            eval_every: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Train `student` against a frozen `teacher` on `train`; returns curves, heads, the teacher's
-    logits on `cf_sets` and timing.
-
-    loss: `ce` (labels only, no teacher), `kl`, `jacobian` ((1 - alpha) KL + alpha Jacobian
-    distance) or `contrastive` ((1 - alpha) KL + alpha InfoNCE through trained projection heads).
-    The teacher's outputs on the fixed training set are computed once, before the first step.
+def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, cfg: DistillConfig, device: torch.device,
+            cf_sets: Optional[dict[str, TensorSet]] = None, log: Callable[[str], None] = print) -> dict:
+    """Train `student` against a frozen `teacher` on `train` as `cfg` says; returns the curves
+    (student metrics on `cf_sets` every cfg.eval_every steps), the contrastive heads, the teacher's
+    logits on `cf_sets` and timing. The teacher's outputs on the fixed training set are computed
+    once, before the first step; contrastive heads are trained with the student.
     """
-    if loss not in LOSSES:
-        raise UserError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}")
-    if estimator not in ("exact", "projection"):
-        raise UserError(f"unknown Jacobian estimator '{estimator}'; use exact or projection")
+    if cfg.loss not in LOSSES:
+        raise UserError(f"unknown loss '{cfg.loss}'; use one of {', '.join(LOSSES)}")
+    if cfg.jacobian_estimator not in ("exact", "projection"):
+        raise UserError(f"unknown Jacobian estimator '{cfg.jacobian_estimator}'; use exact or projection")
     freeze(teacher.to(device))
     student.to(device).train()
     t_start = time.perf_counter()
     train = to_device(train, device)
     targets = {}
-    if loss != "ce":
-        targets = teacher_targets(teacher, train.x, need_jacobian=(loss == "jacobian"), method=jacobian_method,
-                                  top_k=None if estimator == "projection" else top_k)
+    if cfg.loss != "ce":
+        targets = teacher_targets(teacher, train.x, need_jacobian=(cfg.loss == "jacobian"), method=cfg.jacobian_method,
+                                  top_k=None if cfg.jacobian_estimator == "projection" else cfg.top_k)
     params = list(student.parameters())
     heads = None
-    if loss == "contrastive":
-        heads = ContrastiveHeads(student.feature_dim, teacher.feature_dim).to(device)
+    if cfg.loss == "contrastive":
+        heads = ContrastiveHeads(student.feature_dim, teacher.feature_dim, cfg.contrastive_dim).to(device)
         params += list(heads.parameters())  # the heads are trained with the student
-    opt, sched = _optimizer(params, lr, steps, "adam")
-    objective = distillation_objective(
-        student, teacher, targets, loss=loss, alpha=alpha, temperature=temperature, t2_scale=t2_scale,
-        jacobian_method=jacobian_method, top_k=top_k, estimator=estimator, projections=projections,
-        contrastive_temperature=contrastive_temperature, heads=heads,
-        generator=torch.Generator(device=device).manual_seed(seed))
+    opt, sched = _optimizer(params, cfg, "adam")
+    objective = distillation_objective(student, teacher, targets, cfg, heads,
+                                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
     teacher_logits = {name: predict(teacher, s.x).cpu() for name, s in (cf_sets or {}).items()}
-    batch_gen = torch.Generator().manual_seed(seed)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
     curves: list[dict] = []
     t_prep = time.perf_counter() - t_start
     t_train = time.perf_counter()
-    with _progress(steps, f"student ({loss})") as bar:
-        for step, idx in enumerate(_batches(len(train.y), batch_size, steps, batch_gen), 1):
+    with _progress(cfg.steps, f"student ({cfg.loss})") as bar:
+        for step, idx in enumerate(_batches(len(train.y), cfg.batch_size, cfg.steps, batch_gen), 1):
             idx = idx.to(device)
             total = objective(train.x[idx], train.y[idx], idx)
-            _check_finite(total, step, "distillation")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
+            _update(total, opt, sched, step, "distillation")
             bar.update(1)
-            if eval_every and cf_sets and (step % eval_every == 0 or step == steps):
+            if cfg.eval_every and cf_sets and (step % cfg.eval_every == 0 or step == cfg.steps):
                 metrics = evaluate_student(student, cf_sets, teacher_logits)
                 curves.append({"step": step, "loss": total.item(), "eval": metrics})
                 summary = "  ".join(f"{n} acc {m['acc']:.3f} agr {m['agreement']:.3f}" for n, m in metrics.items())
@@ -734,324 +610,4 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, *, loss: s
                 student.train()
     train_s = time.perf_counter() - t_train
     return {"curves": curves, "heads": heads, "teacher_logits": teacher_logits,
-            "timing": {"prepare_s": t_prep, "train_s": train_s, "steps_per_s": steps / max(train_s, 1e-9)}}
-
-
-# ----------------------------------------------------------------------------- teacher cache
-
-def cache_key(config: dict) -> str:
-    """A short stable hash of everything that determines a teacher."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def prepare_cache(cache_dir: str) -> bool:
-    """Check the teacher cache folder before any training; returns whether it can be written.
-    A read-only cache is still usable for the teachers it already holds."""
-    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
-        raise UserError(f"--cache-dir {cache_dir} is a file, not a folder; choose another --cache-dir")
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --cache-dir {cache_dir} ({e.strerror}); choose another --cache-dir")
-    try:
-        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".write-test-"):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _file_lock(path: str, writable: bool):
-    """An exclusive lock, so two processes never train or write the same teacher at once (none
-    in a read-only cache, which nobody can write)."""
-    if not writable:
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def load_or_train_teacher(config: dict, build: Callable[[], nn.Module], train: Callable[[nn.Module], nn.Module],
-                          check: Callable[[nn.Module, bool], None], cache_dir: str, device: torch.device,
-                          retrain: bool = False, log: Callable[[str], None] = print) -> tuple[nn.Module, bool]:
-    """Return (frozen teacher, loaded_from_cache). `check(model, cached)` raises UserError for a
-    teacher not worth distilling; a fresh teacher is cached only after it passes.
-
-    The cache holds `<key>.pt`, written atomically with the weights and the config they were
-    trained with together (so it is complete or absent, never half-written), and `<key>.json`, a
-    copy of the config for people; `config` must hold everything that determines the teacher."""
-    writable = prepare_cache(cache_dir)
-    key = cache_key(config)
-    weights, meta = os.path.join(cache_dir, f"{key}.pt"), os.path.join(cache_dir, f"{key}.json")
-    config = json.loads(json.dumps(config))
-    with _file_lock(os.path.join(cache_dir, f"{key}.lock"), writable):
-        if os.path.exists(weights) and not retrain:
-            fix = f"delete {weights} to retrain it, or pass --retrain-teacher"
-            model = build()
-            try:
-                saved = torch.load(weights, map_location="cpu", weights_only=True)
-                if not isinstance(saved, dict) or "config" not in saved:
-                    raise ValueError("written by an older version")
-                if saved["config"] == config:
-                    model.load_state_dict(saved["state_dict"])
-            except Exception as e:  # corrupt file, wrong shapes, an older format, ...
-                raise UserError(f"teacher cache {weights} is corrupt or does not fit the model "
-                                f"({type(e).__name__}: {first_line(e)}); {fix}")
-            if saved["config"] != config:
-                raise UserError(f"teacher cache {weights} was trained with another configuration; {fix}")
-            log(f"teacher: loaded from cache {weights}")
-            model = freeze(model.to(device))
-            check(model, True)
-            return model, True
-        if not writable:
-            raise UserError(f"--cache-dir {cache_dir} is read-only and does not hold this teacher ({key}.pt); "
-                            f"choose a writable --cache-dir")
-        log("teacher: training (cached afterwards)")
-        model = train(build())
-        check(model, False)
-        try:
-            _atomic_save(lambda f: torch.save({"config": config, "state_dict": model.state_dict()}, f), weights)
-        except OSError as e:  # a full disk: the run goes on, the next one trains the teacher again
-            log(f"warning: the teacher could not be cached in {cache_dir} ({e.strerror}); the run goes on")
-            return model, False
-        with contextlib.suppress(OSError):  # the copy for people; the .pt is complete without it
-            _atomic_save(lambda f: f.write(json.dumps(config, indent=1, sort_keys=True).encode()), meta)
-        return model, False
-
-
-# ----------------------------------------------------------------------------- command line and results
-
-def add_common_args(parser: argparse.ArgumentParser, *, steps: int, teacher_steps: int, lr: float, teacher_lr: float,
-                    teacher_width: int, student_width: int) -> None:
-    """The flags every experiment shares: loss, training lengths, device, output. Each script adds
-    its own data flags and passes defaults that run well on a laptop CPU."""
-    g = parser.add_argument_group("distillation")
-    g.add_argument("--loss", choices=LOSSES, default="kl",
-                   help="ce: labels only (no teacher); kl: KL to the teacher's softened outputs; "
-                        "jacobian: (1-alpha) KL + alpha Jacobian matching; contrastive: (1-alpha) KL + alpha InfoNCE")
-    g.add_argument("--alpha", type=float, default=0.5, help="weight of the Jacobian or contrastive term (default 0.5)")
-    g.add_argument("--temperature", type=float, default=4.0, help="KL distillation temperature T (default 4)")
-    g.add_argument("--no-t2", action="store_true", help="do not multiply the KL term by T^2")
-    g.add_argument("--jacobian-method", choices=JACOBIAN_METHODS, default="auto",
-                   help="how exact Jacobians are computed; auto = the fastest measured for the device")
-    g.add_argument("--jacobian-estimator", choices=("exact", "projection"), default="exact",
-                   help="exact: all classes (or --top-k); projection: --projections random projections of the logits")
-    g.add_argument("--projections", type=int, default=1, help="K for --jacobian-estimator projection (default 1)")
-    g.add_argument("--top-k", type=int, default=None, help="match only the teacher's top-k classes' Jacobian rows")
-    g.add_argument("--contrastive-temperature", type=float, default=0.1, help="InfoNCE temperature (default 0.1)")
-    g = parser.add_argument_group("training")
-    g.add_argument("--arch", choices=("cnn", "resnet18"), default="cnn", help="cnn (CPU-friendly) or resnet18 (GPU)")
-    g.add_argument("--teacher-width", type=int, default=teacher_width, help=f"teacher width (default {teacher_width})")
-    g.add_argument("--student-width", type=int, default=student_width, help=f"student width (default {student_width})")
-    g.add_argument("--steps", type=int, default=steps, help=f"student training steps (default {steps})")
-    g.add_argument("--teacher-steps", type=int, default=teacher_steps, help=f"teacher training steps (default {teacher_steps})")
-    g.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    g.add_argument("--lr", type=float, default=lr, help=f"student's peak learning rate, Adam with cosine decay (default {lr})")
-    g.add_argument("--teacher-lr", type=float, default=teacher_lr, help=f"teacher's peak learning rate (default {teacher_lr})")
-    g.add_argument("--teacher-optimizer", choices=("sgd", "adam"), default="sgd",
-                   help="teacher's optimizer with cosine decay: sgd (Nesterov momentum, the default) or adam, "
-                        "which leaves the initial plateau sooner on short runs (try --teacher-lr 5e-3)")
-    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps for the curves (default steps/10)")
-    g.add_argument("--seed", type=int, default=0, help="seed of data rendering, teacher and student (default 0)")
-    g.add_argument("--teacher-min-acc", type=float, default=None,
-                   help="stop unless the teacher reaches this accuracy on held-out data of its own configuration "
-                        "(default: halfway between chance and 1, e.g. 0.55 for 10 classes; 0 with --smoke)")
-    g.add_argument("--student-min-fit", type=float, default=0.9,
-                   help="flag the result when the student fits held-out data of its own distillation configuration "
-                        "worse than this (accuracy, or agreement with the teacher, whichever is higher; default 0.9)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", default=None, help="result JSON path (default results/<experiment>/<teacher>_<student>_<loss>_seed<seed>.json)")
-    g.add_argument("--cache-dir", default="cache/teachers", help="where trained teachers are kept (default cache/teachers)")
-    g.add_argument("--retrain-teacher", action="store_true", help="ignore and overwrite the cached teacher")
-    g.add_argument("--smoke", action="store_true", help="a tiny run in seconds, for CI and for checking the setup")
-
-
-def check_common_args(args) -> None:
-    """Validate the shared flags; raise UserError with the fix."""
-    check_fraction(args.alpha, "--alpha")
-    check_fraction(args.student_min_fit, "--student-min-fit")
-    if args.teacher_min_acc is not None:
-        check_fraction(args.teacher_min_acc, "--teacher-min-acc")
-    for flag in ("steps", "teacher_steps", "batch_size", "projections", "teacher_width", "student_width"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("temperature", "contrastive_temperature", "lr", "teacher_lr"):
-        value = getattr(args, flag)
-        if not math.isfinite(value) or value <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive finite number, got {value}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
-    if args.eval_every is not None and args.eval_every < 1:
-        raise UserError("--eval-every must be at least 1")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError("--top-k must be at least 1")
-    if args.jacobian_method == "explicit" and args.arch != "cnn":  # before the teacher trains, not after
-        raise UserError(f"--jacobian-method explicit needs the small CNN (--arch cnn), not {args.arch}; "
-                        f"use loop or batched")
-
-
-def distill_options(args) -> dict:
-    """The keyword arguments of distill() that come straight from the shared flags."""
-    return dict(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                alpha=args.alpha, temperature=args.temperature, t2_scale=not args.no_t2,
-                jacobian_method=args.jacobian_method, top_k=args.top_k, estimator=args.jacobian_estimator,
-                projections=args.projections, contrastive_temperature=args.contrastive_temperature,
-                eval_every=args.eval_every or max(args.steps // 10, 1))
-
-
-def teacher_floor(args, num_classes: int) -> float:
-    """The accuracy a teacher must reach: --teacher-min-acc, or halfway between chance and 1."""
-    chance = 1.0 / num_classes
-    if args.teacher_min_acc is not None:
-        return args.teacher_min_acc
-    return 0.0 if args.smoke else chance + (1 - chance) / 2  # a smoke run checks the setup, not the teacher
-
-
-def get_teacher(args, device: torch.device, build: Callable[[], nn.Module], train: TensorSet, heldout: TensorSet,
-                data_key: dict) -> tuple[nn.Module, dict]:
-    """Load the cached teacher or train it on `train`, then check it on `heldout` (held-out data
-    of the teacher's own configuration): a teacher at chance or with non-finite weights stops the
-    run before anything is distilled or cached. Returns (frozen teacher, record for the result).
-    `data_key` names everything about the data that determines the teacher; the shared flags
-    (architecture, init, width, steps, batch, lr, optimizer, seed, device type) are added."""
-    key = {**data_key, "arch": args.arch, "init": "he", "width": args.teacher_width, "steps": args.teacher_steps,
-           "batch_size": args.batch_size, "lr": args.teacher_lr, "optimizer": args.teacher_optimizer,
-           "seed": args.seed, "device": device.type}
-    record = {"cache_key": cache_key(key)}
-
-    def train_it(model: nn.Module) -> nn.Module:
-        return train_teacher(model, train, steps=args.teacher_steps, batch_size=args.batch_size, lr=args.teacher_lr,
-                             device=device, seed=args.seed, optimizer=args.teacher_optimizer)
-
-    def check(model: nn.Module, cached: bool) -> None:
-        fix = ("It came from the cache: pass --retrain-teacher." if cached else
-               "Train it differently (--teacher-lr, --teacher-steps, --teacher-optimizer) and run again.")
-        logits = predict(model, heldout.x).cpu()
-        check_model_finite(model, "teacher", logits, fix)
-        acc = (logits.argmax(1) == heldout.y.cpu()).float().mean().item()
-        floor = teacher_floor(args, logits.shape[1])
-        record.update(heldout_acc=acc, floor=floor)
-        print(f"teacher: accuracy {acc:.3f} on held-out {args.teacher_config} (floor {floor:.3f})")
-        if acc < floor:
-            raise UserError(f"the teacher reaches only {acc:.3f} on held-out {args.teacher_config} data, below the "
-                            f"floor {floor:.3f} (chance {1 / logits.shape[1]:.3f}); distilling it would mean nothing "
-                            f"and nothing was cached or written. {fix} (--teacher-min-acc sets the floor)")
-    start = time.perf_counter()
-    teacher, cached = load_or_train_teacher(key, build, train_it, check, args.cache_dir, device,
-                                            retrain=args.retrain_teacher)
-    record.update(cached=cached, train_s=0.0 if cached else time.perf_counter() - start)
-    return teacher, record
-
-
-def default_out(experiment: str, args) -> str:
-    return os.path.join("results", experiment, f"{args.teacher_config}_{args.student_config}_{args.loss}_seed{args.seed}.json")
-
-
-def student_fit(args, student_logits: torch.Tensor, teacher: nn.Module, heldout: TensorSet) -> dict:
-    """How well the student fits held-out data of its own distillation configuration: its accuracy,
-    or its agreement with the teacher, whichever is higher (a distilled student imitates the
-    teacher, whose answers need not be the labels). Below --student-min-fit the run is flagged:
-    a student that never fit its data says nothing about what it learned from the teacher."""
-    s_pred = student_logits.argmax(1).cpu()
-    acc = (s_pred == heldout.y.cpu()).float().mean().item()
-    agreement = (s_pred == predict(teacher, heldout.x).argmax(1).cpu()).float().mean().item()
-    fit = acc if args.loss == "ce" else max(acc, agreement)
-    return {"config": args.student_config, "acc": acc, "agreement": agreement, "fit": fit,
-            "floor": args.student_min_fit, "ok": fit >= args.student_min_fit}
-
-
-def final_result(experiment: str, args, device: torch.device, teacher: nn.Module, student: nn.Module,
-                 cf_sets: dict[str, TensorSet], student_heldout: TensorSet, run: dict, teacher_record: dict,
-                 data_version: int) -> dict:
-    """Check the student, evaluate teacher and student on every counterfactual set and assemble the
-    result JSON. The teacher's logits on the sets come from `run` (distill computed them)."""
-    student_logits = predict(student, student_heldout.x)
-    check_model_finite(student, "student", student_logits,
-                       "Lower --lr (or --alpha) and run again; the teacher is fine and stays cached.")
-    teacher_logits = run["teacher_logits"]
-    teacher_eval = {name: teacher_metrics(teacher_logits[name], s.y.cpu(), None if s.group is None else s.group.cpu())
-                    for name, s in cf_sets.items()}
-    fit = student_fit(args, student_logits, teacher, student_heldout)
-    flags = [] if fit["ok"] else [f"student_fit: the student fits held-out {fit['config']} only {fit['fit']:.3f} "
-                                  f"(floor {fit['floor']:.2f})"]
-    record = dict(teacher_record)
-    train_s = record.pop("train_s")
-    return {
-        "experiment": experiment,
-        "config": vars(args),
-        "flags": flags,
-        "provenance": {**environment(device), "data_version": data_version, "test_seed": TEST_SEED,
-                       "teacher_cache_key": record["cache_key"]},
-        "teacher": {**record, "eval": teacher_eval},
-        "student": {"fit": fit, "eval": evaluate_student(student, cf_sets, teacher_logits), "curves": run["curves"]},
-        "test_sizes": {name: len(s.y) for name, s in cf_sets.items()},
-        "timing": {"teacher_train_s": train_s, **{f"student_{k}": v for k, v in run["timing"].items()}},
-    }
-
-
-# ----------------------------------------------------------------------------- output
-
-def _atomic_save(write: Callable, path: str) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; results are not
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def prepare_output(path: str) -> str:
-    """Create the result's folder and check it can be written, before any training is spent."""
-    if path.endswith(os.sep) or os.path.isdir(path):
-        raise UserError(f"--out {path} is a folder; name the result file, e.g. {os.path.join(path, 'result.json')}")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write results to {folder} ({e.strerror}); choose another --out")
-    return path
-
-
-def strict_json(value):
-    """`value` with every non-finite float replaced by None, so the JSON is strict (no bare NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
-def write_result(path: str, result: dict) -> None:
-    """Write one run's result as strict JSON, atomically."""
-    text = json.dumps(strict_json(result), indent=1, allow_nan=False)
-    try:
-        _atomic_save(lambda f: f.write(text.encode()), path)
-    except OSError as e:
-        raise UserError(f"cannot write the result to {path} ({e.strerror}); nothing was written")
-
-
-def print_table(result: dict, log: Callable[[str], None] = print) -> None:
-    """Test set x (teacher acc, student acc, KL(T||S), agreement), then the result's flags."""
-    teacher_eval, student_eval = result["teacher"]["eval"], result["student"]["eval"]
-    log(f"{'test set':<12}{'teacher acc':>12}{'student acc':>12}{'KL(T||S)':>10}{'agreement':>11}")
-    for name, m in student_eval.items():
-        log(f"{name:<12}{teacher_eval[name]['acc']:>12.3f}{m['acc']:>12.3f}{m['kl']:>10.3f}{m['agreement']:>11.3f}")
-    for flag in result["flags"]:
-        log(f"FLAGGED: {flag}; read these numbers with care (analysis/ skips flagged runs)")
+            "timing": {"prepare_s": t_prep, "train_s": train_s, "steps_per_s": cfg.steps / max(train_s, 1e-9)}}

@@ -20,8 +20,8 @@ from held-out images then ask which mechanism the student uses:
 Absent mechanisms take a neutral value: no patch for A, a blank (black) top half for B, and for I
 an image filled with the training images' mean colour. A randomised patch is the patch of a
 random class; a randomised B is an item of a random class. A cue that carries the label for a
-fraction f (`--frac-a`, `--frac-b`) equals the label on exactly round(f * N) samples and is
-one of the other nine classes on the rest.
+fraction f (`--spurious-frac` for A, `--spurious-frac-b` for B) equals the label on exactly
+round(f * N) samples and is one of the other nine classes on the rest.
 
 The patch: an 8 x 8 square (for 32 x 32 images) on 10 of the 12 border cells of a 4 x 4 grid,
 clockwise from the top-left, one cell per class, so all 10 classes get a distinct cue.
@@ -46,12 +46,14 @@ import math
 import os
 import pickle
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
+import harness
 
 EXPERIMENT = "cifar_patch"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
@@ -62,19 +64,23 @@ MANDELBROT_NOTE = ("--patch-pattern mandelbrot: the pattern encodes the class as
                    "that randomised only the position would still leave the pattern predictive; here a randomised "
                    "patch takes both from a random class")
 
+# ----------------------------------------------------------------------------- settings
+# Everything that changes a result besides the data. The flags override the fields they name
+# (--teacher-steps, --lr, --alpha, ...); the result JSON stores both as the run used them.
+TEACHER = common.TeacherConfig(arch="cnn", width=16, steps=1500, batch_size=64, lr=0.03, optimizer="sgd",
+                               momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
+DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=8, steps=1000, batch_size=64, lr=0.01, min_lr_frac=0.01,
+                               alpha=0.5, temperature=4.0, t2_scale=True, contrastive_temperature=0.1)
+
 # ----------------------------------------------------------------------------- flags
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Configurations: upper-case letters carry the label, r marks randomised "
-                                        "mechanisms, e.g. IA, I+rA, rI+A, A; B needs --dominoes (IB, IAB, IA+rB).")
-g = parser.add_argument_group("data")
-g.add_argument("--teacher-config", default="I", help="mechanisms of the teacher's training data (default I)")
-g.add_argument("--student-config", default="IA", help="mechanisms of the distillation data (default IA)")
-g.add_argument("--frac-a", type=float, default=1.0,
+parser, g = harness.experiment_parser(__doc__, teacher_config="I", student_config="IA",
+                                      epilog="Configurations: upper-case letters carry the label, r marks randomised "
+                                             "mechanisms, e.g. IA, I+rA, rI+A, A; B needs --dominoes (IB, IAB, IA+rB).")
+g.add_argument("--spurious-frac", type=float, default=1.0,
                help="fraction of training samples whose patch is the label's, where A carries the label (default 1.0)")
-g.add_argument("--frac-b", type=float, default=1.0,
-               help="fraction of training samples whose top item has the label's class, where B carries it (default 1.0)")
+g.add_argument("--spurious-frac-b", type=float, default=1.0,
+               help="the same for the top item (B, with --dominoes): fraction whose item has the label's class (default 1.0)")
 g.add_argument("--patch-pattern", choices=("random", "mandelbrot"), default="random",
                help="random: uniform noise, only the position encodes the class (default); "
                     "mandelbrot: a per-class fractal crop, pattern and position encode the class")
@@ -88,7 +94,33 @@ g.add_argument("--domino-data", choices=("digits", "fashionmnist", "mnist"), def
                help="items of the top half: scikit-learn's digits, offline (default), or torchvision's FashionMNIST / MNIST")
 g.add_argument("--n-train", type=int, default=4000, help="training images (0 = all; default 4000)")
 g.add_argument("--n-test", type=int, default=1000, help="held-out images per test set (0 = all; default 1000)")
-common.add_common_args(parser, steps=1000, teacher_steps=1500, lr=0.01, teacher_lr=0.03, teacher_width=16, student_width=8)
+harness.add_common_args(parser, TEACHER, DISTILL)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags, with --smoke's sizes applied; every value checked (UserError names the fix)."""
+    args = harness.parse_common(parser, argv)
+    if args.smoke:
+        args.n_train, args.n_test = min(args.n_train or 300, 300), min(args.n_test or 100, 100)
+        args.batch_size = min(args.batch_size, 32)  # keeps a Jacobian smoke run short on a CPU
+    harness.check_fraction(args.spurious_frac, "--spurious-frac")
+    harness.check_fraction(args.spurious_frac_b, "--spurious-frac-b")
+    letters = "IAB" if args.dominoes else "IA"
+    for flag, config in (("--teacher-config", args.teacher_config), ("--student-config", args.student_config)):
+        try:
+            common.parse_config(config, letters)
+        except common.UserError as e:
+            hint = " (add --dominoes for mechanism B)" if "B" in config and not args.dominoes else ""
+            raise common.UserError(f"{flag}: {e}{hint}")
+    if args.n_train < 0 or args.n_test < 0:
+        raise common.UserError("--n-train and --n-test must be at least 0 (0 = all)")
+    needs_root = args.data == "cifar10" or args.dominoes and args.domino_data != "digits"
+    if needs_root and not args.data_root:
+        raise common.UserError("--data cifar10 and --domino-data fashionmnist/mnist need --data-root DIR "
+                               "(the folder that holds the data set, or where to --download it)")
+    if needs_root and not os.path.isdir(args.data_root) and not args.download:
+        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of the data or add --download")
+    return args
 
 
 # ----------------------------------------------------------------------------- data: images (mechanism I)
@@ -189,20 +221,21 @@ def read_cifar_batches(folder: str, names: list[str]) -> tuple[torch.Tensor, tor
     return torch.cat(xs).float() / 255, torch.cat(ys)
 
 
-def load_images(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images [N, 3, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x, test_y)."""
-    if args.data == "shapes":
-        n_train = args.n_train or 10000
-        train_x, train_y = make_shapes(n_train, seed=1000)  # a fixed data set for every seed
-        test_x, test_y = make_shapes(args.n_test or 2000, seed=2000)
+def load_images(data: str, root: Optional[str], download: bool, n_train: int,
+                n_test: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images [N, 3, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x, test_y). The
+    generated shapes are n_train and n_test images (0: 10,000 and 2,000); CIFAR-10 is read whole."""
+    if data == "shapes":
+        train_x, train_y = make_shapes(n_train or 10000, seed=1000)  # a fixed data set for every seed
+        test_x, test_y = make_shapes(n_test or 2000, seed=2000)
         return train_x, train_y, test_x, test_y
-    folder = os.path.join(args.data_root, "cifar-10-batches-py")
-    if args.download:  # torchvision downloads, checks the MD5s and unpacks; the batches are read below
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if download:  # torchvision downloads, checks the MD5s and unpacks; the batches are read below
         from torchvision.datasets import CIFAR10
         try:
-            CIFAR10(args.data_root, train=True, download=True)
+            CIFAR10(root, train=True, download=True)
         except Exception as e:
-            raise common.UserError(f"cannot download CIFAR-10 into {args.data_root}: {common.first_line(e)}")
+            raise common.UserError(f"cannot download CIFAR-10 into {root}: {harness.first_line(e)}")
     missing = [n for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if not os.path.exists(os.path.join(folder, n))]
     if missing:
         raise common.UserError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; point --data-root at the folder "
@@ -254,12 +287,12 @@ def paste_patches(x: torch.Tensor, cls: torch.Tensor, patterns, generator: torch
     return x
 
 
-def load_domino_items(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_domino_items(data: str, root: Optional[str], download: bool) -> tuple[torch.Tensor, ...]:
     """Grey items for the top half, [N, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x, test_y)."""
-    if args.domino_data == "digits":
-        return common.sklearn_digits(32)
-    name = "FashionMNIST" if args.domino_data == "fashionmnist" else "MNIST"
-    train_x, train_y, test_x, test_y = common.torchvision_digits(name, args.data_root, args.download)
+    if data == "digits":
+        return harness.sklearn_digits(32)
+    name = "FashionMNIST" if data == "fashionmnist" else "MNIST"
+    train_x, train_y, test_x, test_y = harness.torchvision_digits(name, root, download)
     resize = lambda d: F.interpolate(d[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
     return resize(train_x), train_y, resize(test_x), test_y
 
@@ -275,14 +308,14 @@ def sample_items(items: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor, g
     return items[order[pick]]
 
 
-# ----------------------------------------------------------------------------- model
-
 # ----------------------------------------------------------------------------- data: configurations
 
-def render(images: torch.Tensor, labels: torch.Tensor, config: str, args, patterns, blank: torch.Tensor,
-           items: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> common.TensorSet:
-    """One data set of the configuration: [N, 3, 32, 32] (or [N, 3, 64, 32] with --dominoes)."""
-    roles = common.parse_config(config, "IAB" if args.dominoes else "IA")
+def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: float, frac_b: float, patterns,
+           blank: torch.Tensor, items: Optional[tuple[torch.Tensor, torch.Tensor]],
+           generator: torch.Generator) -> common.TensorSet:
+    """One data set of the configuration: [N, 3, 32, 32], or [N, 3, 64, 32] with top-half `items`
+    (Dominoes). A / B carry the label for a fraction frac_a / frac_b where the configuration says so."""
+    roles = common.parse_config(config, "IA" if items is None else "IAB")
     n = len(labels)
     if roles["I"] == "label":
         y, x = labels.clone(), images.clone()
@@ -290,67 +323,46 @@ def render(images: torch.Tensor, labels: torch.Tensor, config: str, args, patter
         y = torch.randint(NUM_CLASSES, (n,), generator=generator)
         x = images.clone() if roles["I"] == "random" else blank.expand(n, -1, -1, -1).clone()
     if roles["A"] != "absent":
-        cls = (common.spurious_values(y, args.frac_a, NUM_CLASSES, generator) if roles["A"] == "label"
+        cls = (common.spurious_values(y, frac_a, NUM_CLASSES, generator) if roles["A"] == "label"
                else torch.randint(NUM_CLASSES, (n,), generator=generator))
         paste_patches(x, cls, patterns, generator)
-    if args.dominoes:
+    if items is not None:
         if roles["B"] == "absent":
             top = torch.zeros_like(x)
         else:
-            cls = (common.spurious_values(y, args.frac_b, NUM_CLASSES, generator) if roles["B"] == "label"
+            cls = (common.spurious_values(y, frac_b, NUM_CLASSES, generator) if roles["B"] == "label"
                    else torch.randint(NUM_CLASSES, (n,), generator=generator))
             top = sample_items(*items, cls, generator)[:, None].expand(-1, 3, -1, -1)
         x = torch.cat([top, x], dim=2)
     return common.TensorSet(x, y)
 
 
-def main():
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.teacher_steps = min(args.steps, 20), min(args.teacher_steps, 40)
-        args.n_train, args.n_test = min(args.n_train or 300, 300), min(args.n_test or 100, 100)
-        args.eval_every = 10 if args.eval_every is None else args.eval_every
-        args.batch_size = min(args.batch_size, 32)  # keeps a Jacobian smoke run short on a CPU
-    common.check_common_args(args)
-    common.check_fraction(args.frac_a, "--frac-a")
-    common.check_fraction(args.frac_b, "--frac-b")
-    letters = "IAB" if args.dominoes else "IA"
-    for flag, config in (("--teacher-config", args.teacher_config), ("--student-config", args.student_config)):
-        try:
-            common.parse_config(config, letters)
-        except common.UserError as e:
-            hint = " (add --dominoes for mechanism B)" if "B" in config and not args.dominoes else ""
-            raise common.UserError(f"{flag}: {e}{hint}")
-    if args.n_train < 0 or args.n_test < 0:
-        raise common.UserError("--n-train and --n-test must be at least 0 (0 = all)")
-    needs_root = args.data == "cifar10" or args.dominoes and args.domino_data != "digits"
-    if needs_root and not args.data_root:
-        raise common.UserError("--data cifar10 and --domino-data fashionmnist/mnist need --data-root DIR "
-                               "(the folder that holds the data set, or where to --download it)")
-    if needs_root and not os.path.isdir(args.data_root) and not args.download:
-        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of the data or add --download")
-    device = common.resolve_device(args.device)
-    out_path = common.prepare_output(args.out or common.default_out(EXPERIMENT, args))
-    common.prepare_cache(args.cache_dir)
-    common.seed_everything(args.seed)
-    t0 = time.perf_counter()
+# ----------------------------------------------------------------------------- main
 
-    train_x, train_y, test_x, test_y = load_images(args)
+def main():
+    args = parse_args()
+    teacher_cfg, distill_cfg = harness.settings_from_flags(args, TEACHER, DISTILL)
+    device, out_path = harness.prepare_run(args, EXPERIMENT)
+    started = time.perf_counter()
+
+    # ------------------------------------------------------------------------- data
+    train_x, train_y, test_x, test_y = load_images(args.data, args.data_root, args.download, args.n_train, args.n_test)
     if args.n_train:
         train_x, train_y = train_x[:args.n_train], train_y[:args.n_train]
     if args.n_test:
         test_x, test_y = test_x[:args.n_test], test_y[:args.n_test]
     blank = train_x.mean((0, 2, 3))[:, None, None].expand(3, 32, 32)  # absent I: the mean colour
     patterns = mandelbrot_patterns(train_x.shape[-1] // 4) if args.patch_pattern == "mandelbrot" else None
-    items = load_domino_items(args) if args.dominoes else (None, None, None, None)
+    items = load_domino_items(args.domino_data, args.data_root, args.download) if args.dominoes else None
+    train_items, test_items = (None, None) if items is None else (items[:2], items[2:])
+    fracs = (args.spurious_frac, args.spurious_frac_b)
     gen = torch.Generator().manual_seed(args.seed)
-    teacher_train = render(train_x, train_y, args.teacher_config, args, patterns, blank, items[:2], gen)
-    student_train = render(train_x, train_y, args.student_config, args, patterns, blank, items[:2], gen)
+    teacher_train = render(train_x, train_y, args.teacher_config, *fracs, patterns, blank, train_items, gen)
+    student_train = render(train_x, train_y, args.student_config, *fracs, patterns, blank, train_items, gen)
     test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
     names = TEST_CONFIGS + (DOMINO_TEST_CONFIGS if args.dominoes else ())
-    cf_args = argparse.Namespace(**{**vars(args), "frac_a": 1.0, "frac_b": 1.0})
-    cf_sets = {name: render(test_x, test_y, name, cf_args, patterns, blank, items[2:], test_gen) for name in names}
-    teacher_heldout, student_heldout = (render(test_x, test_y, config, args, patterns, blank, items[2:], test_gen)
+    cf_sets = {name: render(test_x, test_y, name, 1.0, 1.0, patterns, blank, test_items, test_gen) for name in names}
+    teacher_heldout, student_heldout = (render(test_x, test_y, config, *fracs, patterns, blank, test_items, test_gen)
                                         for config in (args.teacher_config, args.student_config))
     notes = [MANDELBROT_NOTE] if args.patch_pattern == "mandelbrot" else []
     print(f"data: {args.data}{' + ' + args.domino_data + ' dominoes' if args.dominoes else ''}, patch {args.patch_pattern}, "
@@ -358,32 +370,29 @@ def main():
           f"teacher on {args.teacher_config}, student on {args.student_config}")
     for note in notes:
         print(f"note: {note}")
+    harness.print_settings(teacher_cfg, distill_cfg)
 
     # ------------------------------------------------------------------------- teacher
-    teacher, teacher_record = common.get_teacher(
-        args, device, build=lambda: common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width),
+    teacher, teacher_record = harness.get_teacher(
+        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width),
         train=teacher_train, heldout=teacher_heldout,
         data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
-                  "data_root": os.path.abspath(args.data_root) if args.data_root else None,
-                  "n_train": args.n_train, "config": args.teacher_config, "frac_a": args.frac_a, "frac_b": args.frac_b,
-                  "patch_pattern": args.patch_pattern, "dominoes": args.dominoes, "domino_data": args.domino_data})
+                  "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
+                  "config": args.teacher_config, "spurious_frac": args.spurious_frac,
+                  "spurious_frac_b": args.spurious_frac_b, "patch_pattern": args.patch_pattern,
+                  "dominoes": args.dominoes, "domino_data": args.domino_data})
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(args.seed + 1)
-    student = common.build_model(args.arch, 3, NUM_CLASSES, args.student_width)
-    run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
+    common.seed_everything(distill_cfg.seed + 1)
+    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width)
+    run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, student_heldout, run,
-                                 teacher_record, DATA_VERSION)
+    result = harness.final_result(EXPERIMENT, args, device, (teacher_cfg, distill_cfg), teacher, student, cf_sets,
+                                  student_heldout, run, teacher_record, DATA_VERSION)
     result["notes"] = notes
-    result["timing"]["total_s"] = time.perf_counter() - t0
-    common.print_table(result)
-    for note in notes:
-        print(f"note: {note}")
-    common.write_result(out_path, result)
-    print(f"result: {out_path}")
+    harness.save_result(out_path, result, started)
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

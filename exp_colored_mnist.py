@@ -26,10 +26,12 @@ import argparse
 import colorsys
 import os
 import time
+from typing import Optional
 
 import torch
 
 import common
+import harness
 
 EXPERIMENT = "colored_mnist"
 DATA_VERSION = 1  # bump when the rendering changes (part of the teacher cache key and of every result)
@@ -37,15 +39,19 @@ MECHANISMS = "IA"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
 NUM_CLASSES = 10
 
+# ----------------------------------------------------------------------------- settings
+# Everything that changes a result besides the data. The flags override the fields they name
+# (--teacher-steps, --lr, --alpha, ...); the result JSON stores both as the run used them.
+TEACHER = common.TeacherConfig(arch="cnn", width=32, steps=1500, batch_size=64, lr=0.05, optimizer="sgd",
+                               momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
+DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=16, steps=600, batch_size=64, lr=1e-3, min_lr_frac=0.01,
+                               alpha=0.5, temperature=4.0, t2_scale=True, contrastive_temperature=0.1)
+
 # ----------------------------------------------------------------------------- flags
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Configurations: upper-case letters carry the label, r marks randomised "
-                                        "mechanisms, e.g. IA, I+rA, rI+A, A.")
-g = parser.add_argument_group("data")
-g.add_argument("--teacher-config", default="I+rA", help="mechanisms of the teacher's training data (default I+rA)")
-g.add_argument("--student-config", default="IA", help="mechanisms of the distillation data (default IA)")
+parser, g = harness.experiment_parser(__doc__, teacher_config="I+rA", student_config="IA",
+                                      epilog="Configurations: upper-case letters carry the label, r marks randomised "
+                                             "mechanisms, e.g. IA, I+rA, rI+A, A.")
 g.add_argument("--spurious-frac", type=float, default=1.0,
                help="fraction of training samples whose colour equals the label's colour, where A carries the label (default 1.0)")
 g.add_argument("--data", choices=("digits", "mnist"), default="digits",
@@ -55,20 +61,33 @@ g.add_argument("--download", action="store_true", help="download MNIST into --da
 g.add_argument("--n-train", type=int, default=0, help="use at most this many training digits (0 = all)")
 g.add_argument("--train-renders", type=int, default=2, help="coloured copies of each training digit (default 2)")
 g.add_argument("--test-renders", type=int, default=3, help="coloured copies of each test digit (default 3)")
-common.add_common_args(parser, steps=600, teacher_steps=1500, lr=1e-3, teacher_lr=0.05, teacher_width=32, student_width=16)
+harness.add_common_args(parser, TEACHER, DISTILL)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags, with --smoke's sizes applied; every value checked (UserError names the fix)."""
+    args = harness.parse_common(parser, argv)
+    if args.smoke:
+        args.n_train, args.train_renders, args.test_renders = args.n_train or 300, 1, 1
+    harness.check_fraction(args.spurious_frac, "--spurious-frac")
+    for config in (args.teacher_config, args.student_config):
+        common.parse_config(config, MECHANISMS)
+    if min(args.train_renders, args.test_renders) < 1 or args.n_train < 0:
+        raise common.UserError("--train-renders and --test-renders must be at least 1, --n-train at least 0")
+    if args.data == "mnist" and not args.data_root:
+        raise common.UserError("--data mnist needs --data-root DIR (the folder that holds MNIST/, or where to --download it)")
+    if args.data == "mnist" and not os.path.isdir(args.data_root) and not args.download:
+        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of MNIST or add --download")
+    return args
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_digits(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits(data: str, root: Optional[str], download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grey digits in [0, 1] as [N, 28, 28] with labels: (train_x, train_y, test_x, test_y)."""
-    if args.data == "digits":
-        return common.sklearn_digits(28)
-    if not args.data_root:
-        raise common.UserError("--data mnist needs --data-root DIR (the folder that holds MNIST/, or where to --download it)")
-    if not os.path.isdir(args.data_root) and not args.download:
-        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of MNIST or add --download")
-    return common.torchvision_digits("MNIST", args.data_root, args.download)
+    if data == "digits":
+        return harness.sklearn_digits(28)
+    return harness.torchvision_digits("MNIST", root, download)
 
 
 def palette() -> torch.Tensor:
@@ -94,25 +113,16 @@ def render(digits: torch.Tensor, labels: torch.Tensor, config: str, frac: float,
     return common.TensorSet(shape[:, None] * colour[:, :, None, None], y)
 
 
-def main():
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.teacher_steps, args.n_train = min(args.steps, 20), min(args.teacher_steps, 40), args.n_train or 300
-        args.train_renders, args.test_renders = 1, 1
-        args.eval_every = 10 if args.eval_every is None else args.eval_every
-    common.check_common_args(args)
-    common.check_fraction(args.spurious_frac, "--spurious-frac")
-    for config in (args.teacher_config, args.student_config):
-        common.parse_config(config, MECHANISMS)
-    if min(args.train_renders, args.test_renders) < 1 or args.n_train < 0:
-        raise common.UserError("--train-renders and --test-renders must be at least 1, --n-train at least 0")
-    device = common.resolve_device(args.device)
-    out_path = common.prepare_output(args.out or common.default_out(EXPERIMENT, args))
-    common.prepare_cache(args.cache_dir)
-    common.seed_everything(args.seed)
-    t0 = time.perf_counter()
+# ----------------------------------------------------------------------------- main
 
-    train_x, train_y, test_x, test_y = load_digits(args)
+def main():
+    args = parse_args()
+    teacher_cfg, distill_cfg = harness.settings_from_flags(args, TEACHER, DISTILL)
+    device, out_path = harness.prepare_run(args, EXPERIMENT)
+    started = time.perf_counter()
+
+    # ------------------------------------------------------------------------- data
+    train_x, train_y, test_x, test_y = load_digits(args.data, args.data_root, args.download)
     if args.n_train:
         train_x, train_y = train_x[:args.n_train], train_y[:args.n_train]
         test_x, test_y = test_x[:max(args.n_train // 3, 100)], test_y[:max(args.n_train // 3, 100)]
@@ -126,28 +136,26 @@ def main():
                                         for config in (args.teacher_config, args.student_config))
     print(f"data: {args.data}, {len(train_y)} training digits x {args.train_renders}, "
           f"test sets of {len(cf_sets['I'].y)}; teacher on {args.teacher_config}, student on {args.student_config}")
+    harness.print_settings(teacher_cfg, distill_cfg)
 
     # ------------------------------------------------------------------------- teacher
-    teacher, teacher_record = common.get_teacher(
-        args, device, build=lambda: common.build_model(args.arch, 3, NUM_CLASSES, args.teacher_width),
+    teacher, teacher_record = harness.get_teacher(
+        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width),
         train=teacher_train, heldout=teacher_heldout,
         data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
                   "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
                   "config": args.teacher_config, "spurious_frac": args.spurious_frac, "train_renders": args.train_renders})
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(args.seed + 1)
-    student = common.build_model(args.arch, 3, NUM_CLASSES, args.student_width)
-    run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
+    common.seed_everything(distill_cfg.seed + 1)
+    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width)
+    run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, student_heldout, run,
-                                 teacher_record, DATA_VERSION)
-    result["timing"]["total_s"] = time.perf_counter() - t0
-    common.print_table(result)
-    common.write_result(out_path, result)
-    print(f"result: {out_path}")
+    result = harness.final_result(EXPERIMENT, args, device, (teacher_cfg, distill_cfg), teacher, student, cf_sets,
+                                  student_heldout, run, teacher_record, DATA_VERSION)
+    harness.save_result(out_path, result, started)
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

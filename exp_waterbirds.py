@@ -48,12 +48,14 @@ import csv
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 
 EXPERIMENT = "waterbirds"
 MECHANISMS = "IA"
@@ -65,17 +67,19 @@ NUM_CLASSES = 2
 GROUP_NAMES = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")
 METADATA_COLUMNS = ("img_filename", "y", "split", "place")
 
+# ----------------------------------------------------------------------------- settings
+# Everything that changes a result besides the data. The flags override the fields they name
+# (--teacher-steps, --lr, --alpha, ...); the result JSON stores both as the run used them.
+TEACHER = common.TeacherConfig(arch="cnn", width=32, steps=1000, batch_size=64, lr=0.02, optimizer="sgd",
+                               momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
+DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=8, steps=400, batch_size=64, lr=0.003, min_lr_frac=0.01,
+                               alpha=0.5, temperature=4.0, t2_scale=True, contrastive_temperature=0.1)
+
 # ----------------------------------------------------------------------------- flags
 
-# conflict_handler="resolve" lets this script re-declare common's --arch with more choices
-# (torchvision's ImageNet ResNets); the later definition replaces the earlier one cleanly.
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], conflict_handler="resolve", allow_abbrev=False,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Configurations: IA (background matches the bird for --spurious-frac of "
-                                        "the images), I+rA (random background), I (neutral background), A (no bird).")
-g = parser.add_argument_group("data")
-g.add_argument("--teacher-config", default="I+rA", help="mechanisms of the teacher's training data (default I+rA)")
-g.add_argument("--student-config", default="IA", help="mechanisms of the distillation data (default IA)")
+parser, g = harness.experiment_parser(__doc__, teacher_config="I+rA", student_config="IA",
+                                      epilog="Configurations: IA (background matches the bird for --spurious-frac of "
+                                             "the images), I+rA (random background), I (neutral background), A (no bird).")
 g.add_argument("--spurious-frac", type=float, default=None,
                help="fraction of training images whose background matches the bird, where A carries the label "
                     "(generated data only; default 0.95)")
@@ -88,14 +92,53 @@ g.add_argument("--n-train", type=int, default=None,
 g.add_argument("--n-test", type=int, default=None,
                help="test images per set (generated: default 800; waterbirds: a random subset, default all)")
 g.add_argument("--image-size", type=int, default=32, help="images are SIZE x SIZE pixels (default 32)")
-common.add_common_args(parser, steps=400, teacher_steps=1000, lr=0.003, teacher_lr=0.02,
-                       teacher_width=32, student_width=8)
-g = parser.add_argument_group("model")
-g.add_argument("--arch", choices=("cnn", "resnet18", "resnet50"), default="cnn",
-               help="cnn: common's small CNN (CPU-friendly, default); resnet18 / resnet50: torchvision's "
-                    "ImageNet ResNets, as used on the real data (--teacher-width and --student-width do not apply)")
 g.add_argument("--pretrained", action="store_true",
                help="start teacher and student from torchvision's ImageNet weights (with --arch resnet18 or resnet50)")
+harness.add_common_args(parser, TEACHER, DISTILL, archs=("cnn", "resnet18", "resnet50"),
+                        arch_help="cnn: common's small CNN (CPU-friendly, default); resnet18 / resnet50: torchvision's "
+                                  "ImageNet ResNets, as used on the real data (--teacher-width and --student-width do "
+                                  "not apply)")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The flags, with --smoke's sizes and the generated data's --spurious-frac default (0.95)
+    applied; every value checked (UserError names the fix)."""
+    args = harness.parse_common(parser, argv)
+    if args.smoke:
+        args.n_train, args.n_test = args.n_train or 256, args.n_test or 64
+    if not 16 <= args.image_size <= MAX_IMAGE_SIZE or min(args.n_train or 0, args.n_test or 0) < 0:
+        raise common.UserError(f"--image-size must be between 16 and {MAX_IMAGE_SIZE}; --n-train and --n-test at "
+                               f"least 0")
+    if args.pretrained and args.arch == "cnn":
+        raise common.UserError("--pretrained needs an ImageNet architecture: add --arch resnet18 or --arch resnet50")
+    for config in (args.teacher_config, args.student_config):
+        common.parse_config(config, MECHANISMS)
+    if args.data == "waterbirds":
+        if not args.data_root:
+            raise common.UserError("--data waterbirds needs --data-root DIR, the folder that holds metadata.csv")
+        if args.spurious_frac is not None:
+            raise common.UserError("--spurious-frac applies to the generated data only; the real training split "
+                                   "keeps its own")
+        for config in (args.teacher_config, args.student_config):
+            if config not in REAL_CONFIGS:
+                raise common.UserError(f"configuration '{config}' cannot be built from the real folder (no bird "
+                                       f"masks); use IA (the training split) or I+rA (resampled to balanced groups)")
+        return args
+    if args.data_root:
+        raise common.UserError("--data-root is read only with --data waterbirds")
+    args.spurious_frac = harness.check_fraction(0.95 if args.spurious_frac is None else args.spurious_frac,
+                                                "--spurious-frac")
+    if (args.n_train is not None and args.n_train < 8) or (args.n_test is not None and args.n_test < 8):
+        raise common.UserError("--n-train and --n-test must be at least 8 for the generated data")
+    # a scene holds about 16 float channels (bird, mask, two backgrounds, composed images)
+    needed = ((args.n_train or 4000) + (args.n_test or 800)) * 16 * args.image_size ** 2 * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory / 2:
+        raise common.UserError(f"--image-size {args.image_size} with {args.n_train or 4000} training and "
+                               f"{args.n_test or 800} test images needs about {needed / 2 ** 30:.0f} GiB of "
+                               f"memory, more than half of this machine's {memory / 2 ** 30:.0f} GiB; lower "
+                               f"--image-size or --n-train")
+    return args
 
 
 # ----------------------------------------------------------------------------- generated data
@@ -370,11 +413,12 @@ def balanced_resample(data: common.TensorSet, gen: torch.Generator) -> common.Te
     return common.TensorSet(data.x[idx], data.y[idx], data.group[idx])
 
 
-def real_data(args, gen: torch.Generator) -> tuple[dict, dict]:
-    """(training sets by configuration, test sets) from the real folder."""
-    rows = read_metadata(args.data_root)
-    train = load_split(args.data_root, rows, 0, args.n_train or 0, args.image_size, gen)
-    test = load_split(args.data_root, rows, 2, args.n_test or 0, args.image_size, gen)
+def real_data(root: str, n_train: Optional[int], n_test: Optional[int], size: int, configs: tuple[str, ...],
+              gen: torch.Generator) -> tuple[dict, dict]:
+    """(training sets of the `configs`, test sets) from the real folder."""
+    rows = read_metadata(root)
+    train = load_split(root, rows, 0, n_train or 0, size, gen)
+    test = load_split(root, rows, 2, n_test or 0, size, gen)
     lacking = [GROUP_NAMES[g] for g in range(4) if not (test.group == g).any()]
     if lacking:
         raise common.UserError(f"the test split ({len(test.y)} images) lacks group(s) {', '.join(lacking)}, so "
@@ -384,7 +428,7 @@ def real_data(args, gen: torch.Generator) -> tuple[dict, dict]:
     tests = {"IA": common.TensorSet(test.x[majority], y[majority], test.group[majority]), "I+rA": test,
              "minority": common.TensorSet(test.x[minority], y[minority], test.group[minority])}
     trains = {"IA": train, "I+rA": balanced_resample(train, gen)}
-    return {c: trains[c] for c in {args.teacher_config, args.student_config}}, tests
+    return {c: trains[c] for c in configs}, tests
 
 
 # ----------------------------------------------------------------------------- models
@@ -424,119 +468,58 @@ def build_model(arch: str, width: int, pretrained: bool) -> nn.Module:
     return TorchvisionNet(arch, NUM_CLASSES, pretrained)
 
 
-# ----------------------------------------------------------------------------- output
-
-def print_group_table(teacher_eval: dict, student_eval: dict) -> None:
-    """Average (over groups) and worst-group accuracy of teacher and student, with the student's
-    accuracy per group, for every test set that has groups."""
-    print(f"{'test set':<10}{'teacher avg':>12}{'worst':>7}{'student avg':>12}{'worst':>7}   student acc per group")
-    for name, m in student_eval.items():
-        if "groups" not in m:
-            continue
-        t = teacher_eval[name]
-        groups = "  ".join(f"{GROUP_NAMES[int(k)]} {a:.3f}" for k, a in m["groups"].items())
-        print(f"{name:<10}{t['avg_acc']:>12.3f}{t['worst_group_acc']:>7.3f}{m['avg_acc']:>12.3f}"
-              f"{m['worst_group_acc']:>7.3f}   {groups}")
-
-
 # ----------------------------------------------------------------------------- main
 
-def check_args(args) -> None:
-    common.check_common_args(args)
-    if not 16 <= args.image_size <= MAX_IMAGE_SIZE or min(args.n_train or 0, args.n_test or 0) < 0:
-        raise common.UserError(f"--image-size must be between 16 and {MAX_IMAGE_SIZE}; --n-train and --n-test at "
-                               f"least 0")
-    if args.pretrained and args.arch == "cnn":
-        raise common.UserError("--pretrained needs an ImageNet architecture: add --arch resnet18 or --arch resnet50")
-    for config in (args.teacher_config, args.student_config):
-        common.parse_config(config, MECHANISMS)
-    if args.data == "waterbirds":
-        if not args.data_root:
-            raise common.UserError("--data waterbirds needs --data-root DIR, the folder that holds metadata.csv")
-        if args.spurious_frac is not None:
-            raise common.UserError("--spurious-frac applies to the generated data only; the real training split "
-                                   "keeps its own")
-        for config in (args.teacher_config, args.student_config):
-            if config not in REAL_CONFIGS:
-                raise common.UserError(f"configuration '{config}' cannot be built from the real folder (no bird "
-                                       f"masks); use IA (the training split) or I+rA (resampled to balanced groups)")
-    else:
-        if args.data_root:
-            raise common.UserError("--data-root is read only with --data waterbirds")
-        frac = 0.95 if args.spurious_frac is None else args.spurious_frac
-        args.spurious_frac = common.check_fraction(frac, "--spurious-frac")
-        if (args.n_train is not None and args.n_train < 8) or (args.n_test is not None and args.n_test < 8):
-            raise common.UserError("--n-train and --n-test must be at least 8 for the generated data")
-        # a scene holds about 16 float channels (bird, mask, two backgrounds, composed images)
-        needed = ((args.n_train or 4000) + (args.n_test or 800)) * 16 * args.image_size ** 2 * 4
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if needed > memory / 2:
-            raise common.UserError(f"--image-size {args.image_size} with {args.n_train or 4000} training and "
-                                   f"{args.n_test or 800} test images needs about {needed / 2 ** 30:.0f} GiB of "
-                                   f"memory, more than half of this machine's {memory / 2 ** 30:.0f} GiB; lower "
-                                   f"--image-size or --n-train")
-
-
 def main():
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.teacher_steps = min(args.steps, 20), min(args.teacher_steps, 40)
-        args.eval_every = 10 if args.eval_every is None else args.eval_every
-        args.n_train, args.n_test = args.n_train or 256, args.n_test or 64
-    check_args(args)
-    device = common.resolve_device(args.device)
-    out_path = common.prepare_output(args.out or common.default_out(EXPERIMENT, args))
-    common.prepare_cache(args.cache_dir)
-    common.seed_everything(args.seed)
-    t0 = time.perf_counter()
+    args = parse_args()
+    teacher_cfg, distill_cfg = harness.settings_from_flags(args, TEACHER, DISTILL)
+    device, out_path = harness.prepare_run(args, EXPERIMENT)
+    started = time.perf_counter()
 
+    # ------------------------------------------------------------------------- data
+    configs = (args.teacher_config, args.student_config)
     gen = torch.Generator().manual_seed(args.seed)
     if args.data == "generated":
         scenes = Scenes(args.n_train or 4000, args.image_size, gen)
-        trains = {c: training_set(scenes, c, args.spurious_frac, gen)
-                  for c in (args.teacher_config, args.student_config)}
+        trains = {c: training_set(scenes, c, args.spurious_frac, gen) for c in configs}
         test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
         test_scenes = Scenes(args.n_test or 800, args.image_size, test_gen)
         cf_sets = generated_test_sets(test_scenes, test_gen)
-        heldout = {c: training_set(test_scenes, c, args.spurious_frac, test_gen)
-                   for c in (args.teacher_config, args.student_config)}
+        heldout = {c: training_set(test_scenes, c, args.spurious_frac, test_gen) for c in configs}
         del scenes, test_scenes
     else:  # the real test split has only the sets that the real training configurations can have
-        trains, cf_sets = real_data(args, gen)
+        trains, cf_sets = real_data(args.data_root, args.n_train, args.n_test, args.image_size, configs, gen)
         heldout = cf_sets
     teacher_train, student_train = trains[args.teacher_config], trains[args.student_config]
+    teacher_heldout, student_heldout = heldout[args.teacher_config], heldout[args.student_config]
     frac = float("nan") if student_train.group is None else \
         (student_train.group % 2 == student_train.y).float().mean().item()
     sizes = ", ".join(str(len(s.y)) for s in cf_sets.values())
     print(f"data: {args.data}, {len(student_train.y)} training images of {args.image_size}x{args.image_size}, "
           f"background = bird in {frac:.3f} of the student's; test sets of {sizes}; "
           f"teacher on {args.teacher_config}, student on {args.student_config}")
+    harness.print_settings(teacher_cfg, distill_cfg)
 
     # ------------------------------------------------------------------------- teacher
-    teacher, teacher_record = common.get_teacher(
-        args, device, build=lambda: build_model(args.arch, args.teacher_width, args.pretrained), train=teacher_train,
-        heldout=heldout[args.teacher_config],
+    teacher, teacher_record = harness.get_teacher(
+        args, teacher_cfg, device, build=lambda: build_model(teacher_cfg.arch, teacher_cfg.width, args.pretrained),
+        train=teacher_train, heldout=teacher_heldout,
         data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
-                  "data_root": os.path.abspath(args.data_root) if args.data_root else None,
-                  "n_train": args.n_train, "image_size": args.image_size, "config": args.teacher_config,
-                  "spurious_frac": args.spurious_frac, "pretrained": args.pretrained})
+                  "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
+                  "config": args.teacher_config, "spurious_frac": args.spurious_frac,
+                  "image_size": args.image_size, "pretrained": args.pretrained})
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(args.seed + 1)
-    student = build_model(args.arch, args.student_width, args.pretrained)
-    run = common.distill(student, teacher, student_train, device=device, cf_sets=cf_sets, **common.distill_options(args))
+    common.seed_everything(distill_cfg.seed + 1)
+    student = build_model(distill_cfg.arch, distill_cfg.width, args.pretrained)
+    run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = common.final_result(EXPERIMENT, args, device, teacher, student, cf_sets, heldout[args.student_config],
-                                 run, teacher_record, DATA_VERSION)
-    result["groups"] = dict(enumerate(GROUP_NAMES))
-    result["timing"]["total_s"] = time.perf_counter() - t0
-    common.print_table(result)
-    print()
-    print_group_table(result["teacher"]["eval"], result["student"]["eval"])
-    common.write_result(out_path, result)
-    print(f"result: {out_path}")
+    result = harness.final_result(EXPERIMENT, args, device, (teacher_cfg, distill_cfg), teacher, student, cf_sets,
+                                  student_heldout, run, teacher_record, DATA_VERSION)
+    result["groups"] = {str(g): name for g, name in enumerate(GROUP_NAMES)}
+    harness.save_result(out_path, result, started)
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

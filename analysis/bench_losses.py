@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import harness  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -79,8 +80,8 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
         if jac_method == "naive":
             objective = lambda x, y, idx: naive_reference_loss(student, teacher, x, targets["logits"][idx], 0.5, 4.0)
         else:
-            objective = common.distillation_objective(student, teacher, targets, loss=loss, jacobian_method=jac_method,
-                                                      estimator=estimator, projections=k, heads=heads,
+            cfg = common.DistillConfig(loss=loss, jacobian_method=jac_method, jacobian_estimator=estimator, projections=k)
+            objective = common.distillation_objective(student, teacher, targets, cfg, heads,
                                                       generator=torch.Generator(device=device).manual_seed(0))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -118,7 +119,7 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
 
 def main():
     args = parser.parse_args()
-    device = common.resolve_device(args.device)
+    device = harness.resolve_device(args.device)
     if args.smoke:
         args.steps, args.warmup, args.cnn_batch, args.resnet_batch = 1, 0, 4, 2
     resnet_batch = args.resnet_batch or (8 if device.type == "cpu" else 64)
@@ -126,7 +127,7 @@ def main():
         raise common.UserError("--steps, --cnn-batch and --resnet-batch must be at least 1, --warmup at least 0")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = args.out or os.path.join("results", "bench", name.replace(" ", "_") + ".json")
-    common.prepare_output(out)
+    harness.prepare_output(out)
     print(f"device: {name}, threads: {torch.get_num_threads()}, default exact method: "
           f"{common.default_jacobian_method(device, common.SmallCNN())} for the small CNN, "
           f"{common.default_jacobian_method(device, common.ResNet18())} for the ResNet-18")
@@ -140,9 +141,9 @@ def main():
     for r in rows:
         print(f"{r['model']:<10}{r['batch']:>6}  {r['method']:<18}{r['median_ms']:>10.1f}{r['iqr_ms']:>8.1f}"
               f"{r['x_kl']:>7.2f}{r['x_naive']:>8.2f}")
-    common.write_result(out, {"device": name, "env": common.environment(device), "config": vars(args), "rows": rows})
+    harness.write_result(out, {"device": name, "env": harness.environment(device), "config": vars(args), "rows": rows})
     print(f"result: {out}")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

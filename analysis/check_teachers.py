@@ -20,7 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import UserError, run_cli  # noqa: E402
+from common import UserError  # noqa: E402
+from harness import run_cli  # noqa: E402
 
 # script -> (test set, metric of the teacher's eval block, the bar the default teacher must reach)
 CHECKS = {

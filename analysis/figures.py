@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import UserError, run_cli  # noqa: E402
+from common import UserError  # noqa: E402
+from harness import run_cli  # noqa: E402
 from analysis import results as R  # noqa: E402
 
 LABELS = {"acc": "student accuracy", "kl": "KL(teacher || student)", "agreement": "agreement with teacher",

@@ -43,7 +43,8 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import LOSSES, UserError, run_cli  # noqa: E402
+from common import LOSSES, UserError  # noqa: E402
+from harness import run_cli  # noqa: E402
 from analysis.results import CONFIG_RE  # noqa: E402
 
 COST_ORDER = ("jacobian", "contrastive", "kl", "ce")  # slowest first, so the pool ends on short cells

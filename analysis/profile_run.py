@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import harness  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Arguments after -- go to the experiment script.")
@@ -73,7 +74,7 @@ def main():
     profiler.enable()
     try:
         runpy.run_path(args.script, run_name="__main__")
-    except SystemExit as e:  # the scripts exit through common.run_cli
+    except SystemExit as e:  # the scripts exit through harness.run_cli
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         profiler.disable()
@@ -98,4 +99,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    harness.run_cli(main)

@@ -25,9 +25,8 @@ from scipy import stats as scipy_stats
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import UserError, parse_config  # noqa: E402
+from common import LOSSES, UserError, parse_config  # noqa: E402
 
-LOSS_ORDER = ("ce", "kl", "jacobian", "contrastive")
 CATEGORIES = ("similarity", "teacher", "student", "neither", "other")
 # Flags that say where or how a run was executed, not what was trained: runs that differ only in
 # these (and the seed) are repeats of the same cell.
@@ -259,7 +258,7 @@ def select(runs: Iterable[Run], **where) -> list[Run]:
 def methods(runs: Iterable[Run]) -> list[str]:
     """Methods in the conventional order ce, kl, jacobian, contrastive (variants after their loss)."""
     found = {(r.loss, r.method) for r in runs}
-    rank = {loss: i for i, loss in enumerate(LOSS_ORDER)}
+    rank = {loss: i for i, loss in enumerate(LOSSES)}
     return [m for _, m in sorted(found, key=lambda lm: (rank.get(lm[0], len(rank)), lm[1]))]
 
 

@@ -1,10 +1,8 @@
 """Tests of exp_cifar_patch.py: cue fractions and positions, independence of randomised cues,
 counterfactual sets, the real-format loaders (tiny files), bad input and an end-to-end smoke run."""
-import argparse
 import json
 import os
 import pickle
-import struct
 import sys
 
 import numpy as np
@@ -14,15 +12,11 @@ from scipy.stats import chi2_contingency
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import harness  # noqa: E402
 import exp_cifar_patch as exp  # noqa: E402
+from test_colored_mnist import write_mnist  # noqa: E402
 
 SIDE = 8  # patch side for 32x32 images
-
-
-def make_args(**kw) -> argparse.Namespace:
-    base = dict(frac_a=1.0, frac_b=1.0, dominoes=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def coded_pool(n: int, seed: int = 0):
@@ -74,7 +68,7 @@ def test_patch_cells_are_distinct_quarter_width_squares():
 @pytest.mark.parametrize("frac", [1.0, 0.7, 0.0])
 def test_patch_carries_label_at_exact_fraction_and_position(frac):
     x, y = torch.zeros(1000, 3, 32, 32), torch.arange(1000) % 10
-    s = exp.render(x, y, "IA", make_args(frac_a=frac), None, BLANK, (None, None), torch.Generator().manual_seed(1))
+    s = exp.render(x, y, "IA", frac, 1.0, None, BLANK, None, torch.Generator().manual_seed(1))
     cls = patch_class(s.x, x)
     assert (cls >= 0).all()  # every image has exactly one patch
     assert (cls == s.y).sum().item() == round(frac * 1000)
@@ -87,7 +81,7 @@ def test_mandelbrot_patch_is_the_class_pattern():
     flat = patterns.flatten(1)
     assert torch.cdist(flat, flat).add(torch.eye(10) * 1e3).min() > 0.5  # ten distinct patterns
     x, y = torch.zeros(200, 3, 32, 32), torch.arange(200) % 10
-    s = exp.render(x, y, "IA", make_args(), patterns, BLANK, (None, None), torch.Generator().manual_seed(2))
+    s = exp.render(x, y, "IA", 1.0, 1.0, patterns, BLANK, None, torch.Generator().manual_seed(2))
     for i in range(200):
         r, c = exp.patch_cells(32)[int(y[i])]
         assert torch.equal(s.x[i, :, r:r + SIDE, c:c + SIDE], patterns[y[i]])
@@ -95,7 +89,7 @@ def test_mandelbrot_patch_is_the_class_pattern():
 
 def test_domino_item_carries_label_at_exact_fraction():
     x, y = torch.zeros(1000, 3, 32, 32), torch.arange(1000) % 10
-    s = exp.render(x, y, "IAB", make_args(dominoes=True, frac_b=0.6), None, BLANK, coded_items(),
+    s = exp.render(x, y, "IAB", 1.0, 0.6, None, BLANK, coded_items(),
                    torch.Generator().manual_seed(3))
     assert s.x.shape == (1000, 3, 64, 32)
     top_cls = (s.x[:, 0, 0, 0] * 10 - 1).round().long()
@@ -108,7 +102,7 @@ def test_domino_item_carries_label_at_exact_fraction():
 def test_randomised_cues_are_independent_of_label(config, which):
     n = 20000
     x, y = coded_pool(n, seed=4)
-    s = exp.render(x, y, config, make_args(dominoes=True), None, BLANK, coded_items(), torch.Generator().manual_seed(5))
+    s = exp.render(x, y, config, 1.0, 1.0, None, BLANK, coded_items(), torch.Generator().manual_seed(5))
     bottom = s.x[:, :, 32:]
     if which == "A":
         cue = patch_class(bottom, x)
@@ -126,8 +120,7 @@ def test_randomised_cues_are_independent_of_label(config, which):
 def test_counterfactual_sets_change_only_what_their_names_say():
     x, y = coded_pool(500, seed=6)
     gen = torch.Generator().manual_seed(7)
-    args = make_args(dominoes=True)
-    sets = {name: exp.render(x, y, name, args, None, BLANK, coded_items(), gen) for name in exp.TEST_CONFIGS + exp.DOMINO_TEST_CONFIGS}
+    sets = {name: exp.render(x, y, name, 1.0, 1.0, None, BLANK, coded_items(), gen) for name in exp.TEST_CONFIGS + exp.DOMINO_TEST_CONFIGS}
     zeros_top = torch.zeros(500, 3, 32, 32)
     for name, s in sets.items():
         top, bottom = s.x[:, :, :32], s.x[:, :, 32:]
@@ -187,6 +180,7 @@ def write_cifar(root: str, per_batch: int = 4) -> tuple[np.ndarray, list]:
     return np.concatenate(all_data), all_labels
 
 
+@pytest.mark.slow
 def test_cifar_reader_matches_torchvision(tmp_path, monkeypatch):
     data, labels = write_cifar(str(tmp_path))
     folder = os.path.join(tmp_path, "cifar-10-batches-py")
@@ -203,22 +197,11 @@ def test_cifar_reader_matches_torchvision(tmp_path, monkeypatch):
     assert yt.tolist() == tv.targets
 
 
-def write_idx(folder: str, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
-        f.write(struct.pack(">IIII", 2051, *images.shape) + images.tobytes())
-    with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
-        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
-
-
 @pytest.mark.parametrize("name,flag", [("FashionMNIST", "fashionmnist"), ("MNIST", "mnist")])
 def test_domino_items_through_torchvision(tmp_path, name, flag):
-    raw = os.path.join(tmp_path, name, "raw")
-    os.makedirs(raw)
-    labels = (np.arange(20) % 10).astype(np.uint8)
-    images = np.repeat((labels * 20 + 10).astype(np.uint8), 28 * 28).reshape(20, 28, 28)
-    write_idx(raw, "train", images, labels)
-    write_idx(raw, "t10k", images[:10], labels[:10])
-    tr_x, tr_y, te_x, te_y = exp.load_domino_items(argparse.Namespace(domino_data=flag, data_root=str(tmp_path), download=False))
+    labels = np.arange(20) % 10
+    write_mnist(tmp_path, name, (20, 10), images=np.repeat(labels * 20 + 10, 28 * 28).reshape(20, 28, 28))
+    tr_x, tr_y, te_x, te_y = exp.load_domino_items(flag, str(tmp_path), False)
     assert tr_x.shape == (20, 32, 32) and te_x.shape == (10, 32, 32)
     assert tr_y.tolist() == labels.tolist()
     assert torch.allclose(tr_x[:, 5, 5], torch.from_numpy(labels * 20 + 10).float() / 255)
@@ -227,7 +210,7 @@ def test_domino_items_through_torchvision(tmp_path, name, flag):
 def run_main(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["exp_cifar_patch.py"] + argv)
     with pytest.raises(SystemExit) as exc:
-        common.run_cli(exp.main)
+        harness.run_cli(exp.main)
         raise SystemExit(0)
     return exc.value.code, capsys.readouterr()
 
@@ -245,8 +228,8 @@ def test_cifar10_end_to_end_on_tiny_files(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--teacher-config", "IB"], "--dominoes"),
     (["--student-config", "IAC"], "mechanism 'C'"),
-    (["--frac-a", "1.5"], "--frac-a must be in [0, 1]"),
-    (["--frac-b", "-0.1"], "--frac-b must be in [0, 1]"),
+    (["--spurious-frac", "1.5"], "--spurious-frac must be in [0, 1]"),
+    (["--spurious-frac-b", "-0.1"], "--spurious-frac-b must be in [0, 1]"),
     (["--data", "cifar10"], "--data-root"),
     (["--data", "cifar10", "--data-root", "/nonexistent/cifar"], "does not exist"),
     (["--dominoes", "--domino-data", "fashionmnist", "--data-root", "EMPTY"], "FashionMNIST"),
@@ -275,6 +258,7 @@ def test_corrupt_cifar_batch_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_dominoes_smoke_run_is_deterministic_and_complete(tmp_path, monkeypatch, capsys):
     argv = ["--dominoes", "--teacher-config", "IB", "--student-config", "IAB", "--patch-pattern", "mandelbrot",
             "--smoke", "--steps", "4", "--teacher-steps", "4", "--cache-dir", str(tmp_path / "c")]

@@ -81,9 +81,8 @@ def test_counterfactual_sets_change_only_what_they_name(digits):
 
 
 def test_sklearn_digits_split_is_fixed_and_disjoint():
-    args = cm.parser.parse_args([])
-    a = cm.load_digits(args)
-    b = cm.load_digits(args)
+    a = cm.load_digits("digits", None, False)
+    b = cm.load_digits("digits", None, False)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     train_x, train_y, test_x, test_y = a
     assert train_x.shape[1:] == (28, 28) and 0 <= train_x.min() and train_x.max() <= 1
@@ -107,6 +106,7 @@ def smoke_runs(tmp_path_factory):
     return folder, outputs
 
 
+@pytest.mark.slow
 def test_smoke_run_per_loss_writes_the_documented_json(smoke_runs):
     _, outputs = smoke_runs
     for loss, (proc, result) in outputs.items():
@@ -127,6 +127,7 @@ def test_smoke_run_per_loss_writes_the_documented_json(smoke_runs):
         assert "agreement" in proc.stdout and "result:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_cached_teacher(smoke_runs):
     _, outputs = smoke_runs
     assert outputs["ce"][1]["teacher"]["cached"] is False
@@ -136,6 +137,7 @@ def test_second_run_reuses_the_cached_teacher(smoke_runs):
         assert outputs[loss][1]["teacher"]["eval"] == outputs["ce"][1]["teacher"]["eval"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_other_seed_other_numbers(smoke_runs, tmp_path):
     folder, outputs = smoke_runs
     again = tmp_path / "again.json"
@@ -161,16 +163,23 @@ def write_idx(path, array):
         f.write(array.astype(np.uint8).tobytes())
 
 
-def test_real_mnist_files_are_read(tmp_path):
-    """torchvision's MNIST reader on tiny files in the real idx format."""
-    raw = tmp_path / "MNIST" / "raw"
+def write_mnist(root, name: str = "MNIST", sizes: tuple[int, int] = (120, 40), images=None):
+    """Tiny torchvision-format idx files under root/<name>/raw, the same bytes every time: random
+    images (or the first rows of `images` for both splits) with labels 0, 1, ..., 9, 0, ..."""
+    raw = root / name / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 120), ("t10k", 40)):
-        write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), rng.integers(0, 256, (n, 28, 28)))
+    for prefix, n in zip(("train", "t10k"), sizes):
+        write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), rng.integers(0, 256, (n, 28, 28)) if images is None else images[:n])
         write_idx(str(raw / f"{prefix}-labels-idx1-ubyte"), np.arange(n) % 10)
-    args = cm.parser.parse_args(["--data", "mnist", "--data-root", str(tmp_path)])
-    train_x, train_y, test_x, test_y = cm.load_digits(args)
+    return raw
+
+
+@pytest.mark.slow
+def test_real_mnist_files_are_read(tmp_path):
+    """torchvision's MNIST reader on tiny files in the real idx format."""
+    write_mnist(tmp_path)
+    train_x, train_y, test_x, test_y = cm.load_digits("mnist", str(tmp_path), False)
     assert train_x.shape == (120, 28, 28) and test_x.shape == (40, 28, 28)
     assert torch.equal(train_y, torch.arange(120) % 10)
     out = tmp_path / "r.json"
@@ -192,6 +201,7 @@ def assert_clean_failure(proc, out, *words):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--loss", "mse"], ["--loss", "mse"]),
     (["--student-config", "IB"], ["'B'"]),
@@ -206,12 +216,14 @@ def test_bad_flags_fail_cleanly(tmp_path, args, words):
     assert_clean_failure(run("--smoke", *args, "--out", str(out), "--cache-dir", str(tmp_path / "c")), out, *words)
 
 
+@pytest.mark.slow
 def test_empty_mnist_folder_fails_cleanly(tmp_path):
     out = tmp_path / "r.json"
     proc = run("--smoke", "--data", "mnist", "--data-root", str(tmp_path), "--out", str(out))
     assert_clean_failure(proc, out, "MNIST")
 
 
+@pytest.mark.slow
 def test_unwritable_out_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -221,6 +233,7 @@ def test_unwritable_out_fails_before_training(tmp_path):
     assert not (tmp_path / "c").exists()  # failed before any teacher was trained
 
 
+@pytest.mark.slow
 def test_corrupt_or_mismatched_teacher_cache_fails_cleanly(smoke_runs, tmp_path):
     folder, _ = smoke_runs
     cache = tmp_path / "cache"
@@ -241,13 +254,14 @@ def test_corrupt_or_mismatched_teacher_cache_fails_cleanly(smoke_runs, tmp_path)
     assert proc.returncode == 0 and json.loads(out.read_text())["teacher"]["cached"] is False
 
 
+@pytest.mark.slow
 def test_sigterm_is_an_interrupt_not_a_traceback(tmp_path):
     """A grid runner or a cluster stops a run with SIGTERM: one line, exit 130, like Ctrl-C."""
-    code = ("import os, signal, common\n"
+    code = ("import os, signal, harness\n"
             "def main():\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    open('written', 'w').close()\n"
-            "common.run_cli(main)\n")
+            "harness.run_cli(main)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 130
@@ -255,6 +269,7 @@ def test_sigterm_is_an_interrupt_not_a_traceback(tmp_path):
     assert not (tmp_path / "written").exists()
 
 
+@pytest.mark.slow
 def test_explicit_jacobian_method_with_a_resnet_fails_before_training(tmp_path):
     r = run("--smoke", "--loss", "jacobian", "--arch", "resnet18", "--jacobian-method", "explicit",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json"))

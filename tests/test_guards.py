@@ -15,21 +15,22 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import common  # noqa: E402
+import harness  # noqa: E402
 import exp_cifar_patch  # noqa: E402
 import exp_colored_mnist  # noqa: E402
 import exp_waterbirds  # noqa: E402
 from test_cifar_patch import write_cifar  # noqa: E402
-from test_colored_mnist import write_idx  # noqa: E402
+from test_colored_mnist import write_idx, write_mnist  # noqa: E402
 from test_waterbirds import write_folder  # noqa: E402
 
 SCRIPTS = {"colored_mnist": exp_colored_mnist, "waterbirds": exp_waterbirds, "cifar_patch": exp_cifar_patch}
 
 
 def run_main(module, argv, monkeypatch, capsys):
-    """The command-line path (common.run_cli around main) in-process: (exit code, stdout, stderr)."""
+    """The command-line path (harness.run_cli around main) in-process: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", [module.__name__ + ".py"] + [str(a) for a in argv])
     with pytest.raises(SystemExit) as info:
-        common.run_cli(module.main)
+        harness.run_cli(module.main)
         raise SystemExit(0)
     cap = capsys.readouterr()
     return info.value.code, cap.out, cap.err
@@ -75,13 +76,14 @@ def spoil(model):
 
 def test_a_teacher_that_turns_nan_on_its_last_step_is_neither_cached_nor_used(tmp_path, monkeypatch, capsys):
     train = common.train_teacher
-    monkeypatch.setattr(common, "train_teacher", lambda *a, **k: spoil(train(*a, **k)))
+    monkeypatch.setattr(harness, "train_teacher", lambda *a, **k: spoil(train(*a, **k)))
     out, cache = tmp_path / "r.json", tmp_path / "cache"
     code, _, err = run_main(exp_colored_mnist, ["--smoke", "--out", out, "--cache-dir", cache], monkeypatch, capsys)
     assert_one_error(code, err, "teacher has non-finite values", "--teacher-lr")
     assert not out.exists() and cached_teachers(cache) == []
 
 
+@pytest.mark.slow
 def test_a_broken_cached_teacher_points_to_retrain(tmp_path, monkeypatch, capsys):
     out, cache = tmp_path / "r.json", tmp_path / "cache"
     argv = ["--smoke", "--loss", "kl", "--out", out, "--cache-dir", cache]
@@ -120,12 +122,13 @@ def test_student_fit_uses_accuracy_or_agreement():
     y = common.predict(teacher, x).argmax(1)
     data = common.TensorSet(x, (y + 1) % 4)  # labels the teacher never gives
     args = lambda loss: type("Args", (), {"loss": loss, "student_config": "IA", "student_min_fit": 0.9})  # noqa: E731
-    fit = common.student_fit(args("kl"), common.predict(teacher, x), teacher, data)  # a perfect imitator of its teacher
+    fit = harness.student_fit(args("kl"), common.predict(teacher, x), teacher, data)  # a perfect imitator of its teacher
     assert fit["acc"] == 0 and fit["agreement"] == 1 and fit["ok"]
-    fit = common.student_fit(args("ce"), common.predict(teacher, x), teacher, data)  # a label-trained student is judged on labels
+    fit = harness.student_fit(args("ce"), common.predict(teacher, x), teacher, data)  # a label-trained student is judged on labels
     assert fit["fit"] == 0 and not fit["ok"]
 
 
+@pytest.mark.slow
 def test_a_student_that_did_not_fit_is_flagged_in_json_and_table(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     code, stdout, err = run_main(exp_waterbirds, ["--smoke", "--steps", "1", "--out", out, "--cache-dir", tmp_path / "c"],
@@ -139,7 +142,7 @@ def test_a_student_that_did_not_fit_is_flagged_in_json_and_table(tmp_path, monke
 
 def test_result_json_is_strict(tmp_path):
     path = tmp_path / "r.json"
-    common.write_result(str(path), {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
+    harness.write_result(str(path), {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
 
     def refuse(name):
         raise ValueError(f"bare {name}")
@@ -147,6 +150,7 @@ def test_result_json_is_strict(tmp_path):
     assert data == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
 
 
+@pytest.mark.slow
 def test_provenance_and_a_cache_key_that_names_the_data_root(tmp_path, monkeypatch, capsys):
     keys = []
     for copy in ("one", "two"):  # the same files in two folders: two teachers
@@ -190,7 +194,7 @@ def test_bad_input_is_one_line_before_training(script, argv, words, tmp_path, mo
         argv += ["--out", str(tmp_path / "r.json")]
     if "--cache-dir" not in argv:
         argv += ["--cache-dir", str(tmp_path / "cache")]
-    monkeypatch.setattr(common, "train_teacher", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(harness, "train_teacher", lambda *a, **k: pytest.fail("trained before the check"))
     code, _, err = run_main(SCRIPTS[script], ["--smoke"] + argv, monkeypatch, capsys)
     assert_one_error(code, err, *words)
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "outdir" / "r.json").exists()
@@ -215,19 +219,8 @@ def test_a_real_waterbirds_test_split_without_every_group_is_refused(tmp_path, m
     assert cached_teachers(cache) == []
 
 
-def write_mnist(root):
-    """Tiny MNIST idx files under root/MNIST/raw, the same bytes every time."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 60), ("t10k", 20)):
-        write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), rng.integers(0, 256, (n, 28, 28)))
-        write_idx(str(raw / f"{prefix}-labels-idx1-ubyte"), np.arange(n) % 10)
-    return raw
-
-
 def test_garbage_mnist_files_are_one_error_line(tmp_path, monkeypatch, capsys):
-    raw = write_mnist(tmp_path)
+    raw = write_mnist(tmp_path, sizes=(60, 20))
     for name in os.listdir(raw):  # torchvision's reader fails on these with an AssertionError without a message
         (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
     code, _, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path,
@@ -241,7 +234,7 @@ def test_garbage_mnist_files_are_one_error_line(tmp_path, monkeypatch, capsys):
 
 
 def test_mnist_labels_out_of_range_are_refused(tmp_path, monkeypatch, capsys):
-    raw = write_mnist(tmp_path)
+    raw = write_mnist(tmp_path, sizes=(60, 20))
     write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(60) % 12)
     code, _, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path,
                                                 "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
@@ -263,8 +256,8 @@ def tiny_teacher_args(tmp_path):
     x, y = torch.rand(32, 3, 8, 8), torch.arange(32) % 2
     data = common.TensorSet(x, y)
     build = lambda: common.SmallCNN(3, 2, 4)  # noqa: E731
-    train = lambda m: common.train_teacher(m, data, steps=2, batch_size=16, lr=0.01,  # noqa: E731
-                                           device=torch.device("cpu"), seed=0)
+    cfg = common.TeacherConfig(steps=2, batch_size=16, lr=0.01)
+    train = lambda m: common.train_teacher(m, data, cfg, torch.device("cpu"))  # noqa: E731
     return build, train, str(tmp_path / "cache")
 
 
@@ -272,15 +265,15 @@ def test_a_read_only_cache_serves_the_teachers_it_holds(tmp_path, monkeypatch):
     build, train, cache = tiny_teacher_args(tmp_path)
     config = {"teacher": 1}
     cpu = torch.device("cpu")
-    model, cached = common.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
+    model, cached = harness.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
     assert not cached
     before = sorted(os.listdir(cache))
-    monkeypatch.setattr(common, "prepare_cache", lambda folder: False)  # what a read-only folder answers
-    again, cached = common.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
+    monkeypatch.setattr(harness, "prepare_cache", lambda folder: False)  # what a read-only folder answers
+    again, cached = harness.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
     assert cached and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert sorted(os.listdir(cache)) == before  # not even a lock file was made
     with pytest.raises(common.UserError, match="read-only"):
-        common.load_or_train_teacher({"teacher": 2}, build, train, lambda m, c: None, cache, cpu)
+        harness.load_or_train_teacher({"teacher": 2}, build, train, lambda m, c: None, cache, cpu)
 
 
 def test_a_full_disk_leaves_no_half_written_teacher(tmp_path, monkeypatch):
@@ -293,11 +286,11 @@ def test_a_full_disk_leaves_no_half_written_teacher(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     logged = []
-    model, cached = common.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu, log=logged.append)
+    model, cached = harness.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu, log=logged.append)
     assert not cached and any("could not be cached" in line for line in logged)
     assert [f for f in os.listdir(cache) if not f.endswith(".lock")] == []  # no .pt, no .json, no temporary file
     monkeypatch.setattr(torch, "save", save)
-    _, cached = common.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu)
+    _, cached = harness.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu)
     assert not cached and len(cached_teachers(cache)) == 1  # the next run trains and caches it
 
 
@@ -307,5 +300,5 @@ def test_a_teacher_rejected_by_its_check_is_not_cached(tmp_path):
     def reject(model, cached):
         raise common.UserError("no")
     with pytest.raises(common.UserError):
-        common.load_or_train_teacher({"t": 1}, build, train, reject, cache, torch.device("cpu"))
+        harness.load_or_train_teacher({"t": 1}, build, train, reject, cache, torch.device("cpu"))
     assert cached_teachers(cache) == []

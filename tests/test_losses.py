@@ -1,4 +1,4 @@
-"""The losses and metrics of common.py against naive or hand computations."""
+"""The losses and metrics of common.py, and the objective that training uses, against naive or hand computations."""
 import copy
 import math
 
@@ -38,21 +38,45 @@ def grads(loss, module):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
 
+class TanhMLP(nn.Module):
+    """A model without convolutions or ReLU, with the interface distillation needs (features, classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(2 * 5 * 5, 16), nn.Tanh())
+        self.classifier = nn.Linear(16, 7)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
 def models():
     """Pairs of (student, teacher) without BatchNorm: CNNs of two widths and a tanh MLP."""
     torch.manual_seed(0)
-    mlp = lambda: nn.Sequential(nn.Flatten(), nn.Linear(2 * 5 * 5, 16), nn.Tanh(), nn.Linear(16, 7))
     return [(common.SmallCNN(2, 7, 4), common.freeze(common.SmallCNN(2, 7, 6))),
-            (mlp(), common.freeze(mlp()))]
+            (TanhMLP(), common.freeze(TanhMLP()))]
 
 
-@pytest.mark.parametrize("method,pair", [(m, p) for m in ("loop", "batched", "vmap", "auto") for p in range(2)]
-                         + [("explicit", 0)])
-def test_jacobian_loss_matches_naive_loop(method, pair):
-    student, teacher = models()[pair]
-    x = torch.rand(6, 2, 5, 5) if pair == 1 else torch.rand(6, 2, 12, 12)
-    expected = naive_loss(student, teacher, x)
-    got = common.jacobian_loss(student, teacher, x, method=method)
+def naive_kl(student_logits, teacher_logits, T):
+    """Hinton's term by hand: T^2 * mean over samples of sum_c p_t (log p_t - log p_s) at temperature T."""
+    p_t = torch.softmax(teacher_logits / T, 1)
+    return T * T * (p_t * (torch.log(p_t) - torch.log_softmax(student_logits / T, 1))).sum(1).mean()
+
+
+def training_objective(student, teacher, train_x, idx, cfg, max_bytes=2e9, generator=None):
+    """One batch's loss through the path distill() trains with: the teacher's targets precomputed
+    on the whole training set, then the objective on the rows `idx`."""
+    top_k = None if cfg.jacobian_estimator == "projection" else cfg.top_k
+    targets = common.teacher_targets(teacher, train_x, need_jacobian=True, top_k=top_k,
+                                     method=cfg.jacobian_method, max_bytes=max_bytes)
+    objective = common.distillation_objective(student, teacher, targets, cfg, generator=generator)
+    return objective(train_x[idx], torch.zeros(len(idx), dtype=torch.long), idx), targets
+
+
+def assert_same_loss_and_student_grads(got, expected, student):
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
     got_grads = grads(got, student)
     for g_got, g_exp in zip(got_grads, grads(expected, student)):
@@ -60,11 +84,75 @@ def test_jacobian_loss_matches_naive_loop(method, pair):
     assert sum(g.abs().sum() for g in got_grads) > 0  # the student side is differentiable
 
 
+def inputs(pair, n=8):
+    torch.manual_seed(1)
+    return torch.rand(n, 2, 5, 5) if pair == 1 else torch.rand(n, 2, 12, 12)
+
+
+IDX = torch.tensor([5, 1, 6, 2])  # a batch is a set of rows of the training set, in any order
+
+
+@pytest.mark.parametrize("method,pair", [(m, p) for m in ("loop", "batched", "vmap", "auto") for p in range(2)]
+                         + [("explicit", 0)])
+def test_training_objective_matches_naive_per_class_reference(method, pair):
+    student, teacher = models()[pair]
+    train_x = inputs(pair)
+    cfg = common.DistillConfig(loss="jacobian", alpha=0.3, temperature=2.0, jacobian_method=method)
+    got, targets = training_objective(student, teacher, train_x, IDX, cfg)
+    assert "jacobian" in targets  # precomputed once, as in training
+    x = train_x[IDX]
+    expected = 0.7 * naive_kl(student(x), teacher(x), 2.0) + 0.3 * naive_loss(student, teacher, x)
+    assert_same_loss_and_student_grads(got, expected, student)
+
+
+def test_teacher_jacobians_too_large_to_precompute_are_computed_per_batch():
+    student, teacher = models()[0]
+    train_x = inputs(0)
+    cfg = common.DistillConfig(loss="jacobian", alpha=1.0)
+    got, targets = training_objective(student, teacher, train_x, IDX, cfg, max_bytes=0)
+    assert "jacobian" not in targets
+    assert_same_loss_and_student_grads(got, naive_loss(student, teacher, train_x[IDX]), student)
+
+
+def test_training_objective_top_k_matches_naive_rows():
+    student, teacher = models()[0]
+    train_x = inputs(0)
+    x = train_x[IDX]
+    cfg = common.DistillConfig(loss="jacobian", alpha=1.0, top_k=3)
+    got, _ = training_objective(student, teacher, train_x, IDX, cfg)
+    expected = naive_loss(student, teacher, x, rows=teacher(x).topk(3, dim=1).indices)
+    assert_same_loss_and_student_grads(got, expected, student)
+    all_rows, _ = training_objective(student, teacher, train_x, IDX, common.DistillConfig(loss="jacobian", alpha=1.0))
+    assert got.item() != pytest.approx(all_rows.item(), abs=1e-4)
+
+
+def test_training_objective_projection_matches_naive_projected_rows():
+    student, teacher = models()[0]
+    train_x = inputs(0)
+    x = train_x[IDX]
+    cfg = common.DistillConfig(loss="jacobian", alpha=1.0, jacobian_estimator="projection", projections=2)
+    got, _ = training_objective(student, teacher, train_x, IDX, cfg, generator=torch.Generator().manual_seed(7))
+    v = common.projection_selectors(2, len(x), 7, torch.device("cpu"), torch.Generator().manual_seed(7))
+    js = torch.einsum("kbc,bcd->bkd", v, naive_jacobian(student, x, True))
+    jt = torch.einsum("kbc,bcd->bkd", v, naive_jacobian(teacher, x, False)).detach()
+    assert_same_loss_and_student_grads(got, common.jacobian_distance(js, jt), student)
+
+
+def test_jacobian_term_is_zero_for_a_copy_of_the_teacher():
+    _, teacher = models()[0]
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    loss, _ = training_objective(student, teacher, inputs(0), IDX, common.DistillConfig(loss="jacobian", alpha=1.0))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert all(torch.isfinite(g).all() for g in grads(loss, student))  # no NaN from the norm at 0
+
+
 @pytest.mark.parametrize("size", [13, 9])
 def test_explicit_backward_pass_matches_autograd(size):
     """SmallCNN.input_vjp against autograd: rows and their parameter gradients, odd map sizes too."""
     torch.manual_seed(3)
-    model = common.he_init(common.SmallCNN(3, 5, 4))
+    model = common.SmallCNN(3, 5, 4)
     x = torch.rand(4, 3, size, size)
     sel = common.projection_selectors(3, 4, 5, torch.device("cpu"), torch.Generator().manual_seed(0))
     logits_auto, rows_auto = common.input_jacobian(model, x, sel, create_graph=True, method="loop")
@@ -85,27 +173,6 @@ def test_explicit_method_needs_the_small_cnn():
                               create_graph=True, method="explicit")
     assert common.default_jacobian_method(torch.device("cpu"), student) == "loop"
     assert common.default_jacobian_method(torch.device("cpu"), models()[0][0]) == "explicit"
-
-
-def test_jacobian_top_k_matches_naive_rows():
-    student, teacher = models()[0]
-    x = torch.rand(5, 2, 12, 12)
-    top = teacher(x).topk(3, dim=1).indices
-    expected = naive_loss(student, teacher, x, rows=top)
-    got = common.jacobian_loss(student, teacher, x, top_k=3)
-    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
-    assert got.item() != pytest.approx(common.jacobian_loss(student, teacher, x).item(), abs=1e-4)
-
-
-def test_jacobian_loss_zero_for_a_copy_of_the_teacher():
-    _, teacher = models()[0]
-    student = copy.deepcopy(teacher)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    x = torch.rand(4, 2, 12, 12)
-    loss = common.jacobian_loss(student, teacher, x)
-    assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    assert all(torch.isfinite(g).all() for g in grads(loss, student))  # no NaN from the norm at 0
 
 
 def test_projected_rows_are_projections_of_the_full_jacobian():
@@ -193,8 +260,8 @@ def test_nan_loss_stops_with_a_message():
     teacher = common.freeze(common.SmallCNN(3, 10, 4))
     train = common.TensorSet(torch.rand(16, 3, 8, 8), torch.randint(10, (16,)))
     with pytest.raises(common.UserError, match="NaN|nan"):
-        common.distill(NaNNet(3, 10, 4), teacher, train, loss="kl", steps=3, batch_size=8, lr=1e-3,
-                       device=torch.device("cpu"), seed=0)
+        common.distill(NaNNet(3, 10, 4), teacher, train, common.DistillConfig(loss="kl", steps=3, batch_size=8),
+                       torch.device("cpu"))
 
 
 def test_distill_keeps_teacher_frozen_and_trains_heads(monkeypatch):
@@ -211,8 +278,8 @@ def test_distill_keeps_teacher_frozen_and_trains_heads(monkeypatch):
     before = copy.deepcopy(teacher.state_dict())
     student = common.SmallCNN(3, 10, 4)
     train = common.TensorSet(torch.rand(32, 3, 8, 8), torch.randint(10, (32,)))
-    run = common.distill(student, teacher, train, loss="contrastive", steps=4, batch_size=8, lr=1e-2,
-                         device=torch.device("cpu"), seed=0)
+    run = common.distill(student, teacher, train, common.DistillConfig(loss="contrastive", steps=4, batch_size=8, lr=1e-2),
+                         torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert len(created) == 1  # created once, not at every step

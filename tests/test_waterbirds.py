@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import harness  # noqa: E402
 import exp_waterbirds as wb  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "exp_waterbirds.py")
@@ -133,6 +134,7 @@ def test_real_loader_reads_groups_and_images(tmp_path):
     assert len(subset.y) == 5
 
 
+@pytest.mark.slow
 def test_real_folder_runs_end_to_end(tmp_path):
     write_folder(tmp_path / "wb")
     proc, out = run(["--data", "waterbirds", "--data-root", str(tmp_path / "wb"), "--smoke", "--loss", "kl",
@@ -177,6 +179,7 @@ def _bad_unreadable_image(root):
     return name
 
 
+@pytest.mark.slow
 def test_bad_real_folder_from_the_command_line(tmp_path):
     """The process itself: non-zero exit, one `error:` line, no traceback, no JSON."""
     root = tmp_path / "wb"
@@ -191,7 +194,7 @@ def test_bad_real_folder_from_the_command_line(tmp_path):
 
 @pytest.mark.parametrize("spoil", [_bad_missing_column, _bad_split_code, _bad_missing_image, _bad_unreadable_image])
 def test_bad_real_folder_gives_one_error_line(tmp_path, spoil, monkeypatch, capsys):
-    """The same path as the command line (common.run_cli around main), in-process to save start-up time."""
+    """The same path as the command line (harness.run_cli around main), in-process to save start-up time."""
     root = tmp_path / "wb"
     write_folder(root)
     expected = spoil(str(root))
@@ -199,7 +202,7 @@ def test_bad_real_folder_gives_one_error_line(tmp_path, spoil, monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["exp_waterbirds.py", "--data", "waterbirds", "--data-root", str(root), "--smoke",
                                       "--loss", "kl", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     with pytest.raises(SystemExit) as info:
-        common.run_cli(wb.main)
+        harness.run_cli(wb.main)
     assert info.value.code != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
@@ -214,9 +217,8 @@ def test_bad_real_folder_gives_one_error_line(tmp_path, spoil, monkeypatch, caps
     (["--spurious-frac", "1.5"], "--spurious-frac"),
 ])
 def test_bad_flags_are_user_errors(args, message):
-    args = wb.parser.parse_args(args)
     with pytest.raises(common.UserError, match=message):
-        wb.check_args(args)
+        wb.parse_args(args)
 
 
 # ----------------------------------------------------------------------------- ImageNet backbones
@@ -252,6 +254,7 @@ def smoke_runs(tmp_path_factory):
     return tmp, results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", common.LOSSES)
 def test_smoke_run_writes_group_metrics(smoke_runs, loss):
     _, results = smoke_runs
@@ -266,6 +269,7 @@ def test_smoke_run_writes_group_metrics(smoke_runs, loss):
     assert "worst" in stdout and "minority" in stdout
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(smoke_runs):
     tmp, results = smoke_runs
     proc, out = run(["--smoke", "--loss", "kl"], tmp / "again", "kl.json")  # fresh cache: the teacher is retrained
