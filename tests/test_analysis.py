@@ -234,6 +234,7 @@ def test_cli_reports_skipped_runs_on_stderr_and_all_skipped_is_an_error(tmp_path
     assert r.returncode == 2 and "error: every run in" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["figures.py", "table.py"])
 def test_cli_bad_folders_give_one_line_no_traceback(tmp_path, script, cli):
     empty = run_script(script, tmp_path, *(["--out", tmp_path / "f"] if script == "figures.py" else []))
@@ -269,6 +270,7 @@ def figure_args(folder, out, *extra):
     return figures.parser.parse_args([str(folder), "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_figures_of_a_grid_are_written_and_not_empty(tmp_path):
     grid_results(tmp_path / "r")
     os.makedirs(tmp_path / "f")
@@ -287,6 +289,7 @@ def test_figures_of_a_grid_are_written_and_not_empty(tmp_path):
         assert os.path.getsize(p) > 5000
 
 
+@pytest.mark.slow
 def test_figures_cli_mixed_experiments_groups_and_single_seed(tmp_path, cli):
     grid_results(tmp_path / "r", "toy")
     grid_results(tmp_path / "r", "birds", groups=True, seeds=(0,))
@@ -406,6 +409,7 @@ def done_cell(tmp_path, name, *extra, **kw):
                                                      **kw})
 
 
+@pytest.mark.slow
 def test_grid_runs_missing_cells_only(fake):
     run_grid, calls, tmp_path, _ = fake
     done_cell(tmp_path, "I_IA_kl_seed0", "--steps", "3")
@@ -419,6 +423,7 @@ def test_grid_runs_missing_cells_only(fake):
     assert again.returncode == 0 and "nothing to run" in again.stdout and len(calls()) == 3
 
 
+@pytest.mark.slow
 def test_grid_failed_cells_are_reported_and_rerun(fake):
     run_grid, calls, tmp_path, _ = fake
     r = run_grid(env_extra={"FAKE_FAIL_TEACHER": "A"})
@@ -430,6 +435,7 @@ def test_grid_failed_cells_are_reported_and_rerun(fake):
     assert calls().count("A_IA_kl_seed0.json") == 2 and calls().count("I_IA_kl_seed0.json") == 1
 
 
+@pytest.mark.slow
 def test_grid_stops_when_the_script_rejects_its_flags(fake):
     run_grid, calls, _, _ = fake
     r = run_grid(env_extra={"FAKE_BAD_FLAGS": "1"})
@@ -437,6 +443,7 @@ def test_grid_stops_when_the_script_rejects_its_flags(fake):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm-in-background"])
 def test_grid_interrupt_then_resume(fake, how):
     run_grid, calls, tmp_path, env = fake
@@ -469,6 +476,7 @@ def test_grid_interrupt_then_resume(fake, how):
     assert len([n for n in os.listdir(tmp_path / "res") if n.endswith(".json")]) == 4
 
 
+@pytest.mark.slow
 def test_grid_skips_a_cell_another_runner_holds(fake):
     run_grid, calls, tmp_path, _ = fake
     os.makedirs(tmp_path / "res" / "logs")
@@ -479,6 +487,7 @@ def test_grid_skips_a_cell_another_runner_holds(fake):
     assert len(calls()) == 3
 
 
+@pytest.mark.slow
 def test_grid_bad_arguments(fake):
     run_grid, _, tmp_path, _ = fake
     r = run_grid("--", "--seed", "3")
@@ -560,6 +569,7 @@ def test_grid_accepts_every_slurm_time_format_and_no_abbreviations(grid_cli, tmp
         grid.parser.parse_args(["exp_fake.py", "--mech", "IA"])
 
 
+@pytest.mark.slow
 def test_grid_resumes_only_results_made_with_the_cells_settings(fake):
     run_grid, calls, tmp_path, _ = fake
     # --out and --cache-dir do not change the numbers; a flagged result is done too
@@ -580,6 +590,7 @@ def test_grid_resumes_only_results_made_with_the_cells_settings(fake):
     assert not calls() and not (tmp_path / "g.sbatch").exists() and not (tmp_path / "res" / "logs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, why", [
     (result(), "records no provenance.argv (an older file"),
     ('{"experiment": "fake", "provenance": ', "is not valid JSON"),
@@ -600,6 +611,7 @@ def test_grid_refuses_results_of_unknown_settings(fake, content, why):
 SBATCH_OPTIONS = {"job-name", "array", "ntasks", "cpus-per-task", "mem", "time", "output", "partition", "gres"}
 
 
+@pytest.mark.slow
 def test_slurm_script_is_valid_sbatch_input(fake):
     run_grid, calls, tmp_path, env = fake
     done_cell(tmp_path, "I_IA_kl_seed0", "--steps", "2")
@@ -642,6 +654,7 @@ def test_slurm_script_is_valid_sbatch_input(fake):
 
 # ----------------------------------------------------------------------------- with the real script
 
+@pytest.mark.slow
 def test_grid_with_the_real_script_trains_each_teacher_once(tmp_path):
     """Two workers, two cells that need the same teacher: the cache lock makes one train it and
     the other load it."""
