@@ -129,30 +129,10 @@ def spurious_values(y: torch.Tensor, frac: float, num_values: int, generator: to
 
 # ----------------------------------------------------------------------------- models
 
-class SmallCNN(nn.Module):
-    """Three conv blocks and global average pooling; `width` sets the size (teacher > student).
-
-    No BatchNorm, so per-sample input Jacobians never mix samples. He-normal init: with torch's
-    default the pooled features barely vary between natural-looking images (about 1e-3), so a
-    local shape cue is not learned at all while a global one (a colour) is.
-    """
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
-        super().__init__()
-        w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.feature_dim = 4 * w
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
-        for m in self.body:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+class SequentialNet(nn.Module):
+    """A `body` (nn.Sequential) of convolutions, ReLUs, max-pools, pooling, flattening and linear
+    layers, then a linear `classifier`; no BatchNorm, so per-sample input Jacobians never mix
+    samples, and a hand-written input backward pass (`input_vjp`) for fast Jacobian matching."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -176,7 +156,7 @@ class SmallCNN(nn.Module):
             if isinstance(layer, nn.MaxPool2d):
                 out, idx = F.max_pool2d(h, layer.kernel_size, layer.stride, return_indices=True)
                 tape.append((layer, h.shape, idx))
-            elif isinstance(layer, nn.Conv2d):  # 3x3, stride 1, padding 1: its transpose is the
+            elif isinstance(layer, nn.Conv2d):  # stride 1, 'same' padding: its transpose is the
                 out = layer(h)                   # convolution with the flipped, in/out-swapped kernel
                 tape.append((layer, h.shape, layer.weight.transpose(0, 1).flip(2, 3).contiguous()))
             else:
@@ -196,10 +176,62 @@ class SmallCNN(nn.Module):
                     g = g * saved
                 elif isinstance(layer, nn.MaxPool2d):
                     g = F.max_unpool2d(g, saved, layer.kernel_size, layer.stride, output_size=in_shape[2:])
+                elif isinstance(layer, nn.Linear):
+                    g = g @ layer.weight
                 else:
                     g = F.conv2d(g, saved, padding=layer.padding)
             rows.append(g)
         return logits, torch.stack(rows)
+
+
+def _he_init(layers) -> None:
+    """He-normal weights and zero biases for the layers followed by a ReLU."""
+    for m in layers:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+
+class SmallCNN(SequentialNet):
+    """Three conv blocks and global average pooling; `width` sets the size (teacher > student).
+
+    He-normal init: with torch's default the pooled features barely vary between natural-looking
+    images (about 1e-3), so a local shape cue is not learned at all while a global one (a colour) is.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.feature_dim = 4 * w
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        _he_init(self.body)
+
+
+class LeNet(SequentialNet):
+    """LeNet-style: two 5x5 conv + max-pool blocks, then a fully connected layer on the flattened
+    map. No global pooling: its head sees where things are in the image, a different inductive
+    bias from SmallCNN's, which averages its last map over all positions. `input_size` (H, W)
+    sets the flattened size."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16,
+                 input_size: tuple[int, int] = (28, 28)):
+        super().__init__()
+        w, (h, v) = width, input_size
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(2 * w * (h // 4) * (v // 4), 8 * w), nn.ReLU(),
+        )
+        self.feature_dim = 8 * w
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        _he_init(self.body)
 
 
 class _BasicBlock(nn.Module):
@@ -249,13 +281,20 @@ class ResNet18(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_model(arch: str, in_channels: int, num_classes: int, width: int) -> nn.Module:
-    """`cnn` (SmallCNN, width = channels of the first block) or `resnet18` (width = 64 is standard)."""
+ARCHS = ("cnn", "lenet", "resnet18")
+
+
+def build_model(arch: str, in_channels: int, num_classes: int, width: int,
+                input_size: tuple[int, int] = (32, 32)) -> nn.Module:
+    """`cnn` (SmallCNN, width = channels of the first block), `lenet` (LeNet, the same, for images
+    of `input_size`) or `resnet18` (width = 64 is standard)."""
     if arch == "cnn":
         return SmallCNN(in_channels, num_classes, width)
+    if arch == "lenet":
+        return LeNet(in_channels, num_classes, width, tuple(input_size))
     if arch == "resnet18":
         return ResNet18(in_channels, num_classes, width)
-    raise UserError(f"unknown architecture '{arch}'; use cnn or resnet18")
+    raise UserError(f"unknown architecture '{arch}'; use {', '.join(ARCHS)}")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -338,7 +377,7 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, c
         (rows,) = torch.func.vmap(vjp_fn)(selectors)
     elif method == "explicit":
         if not hasattr(model, "input_vjp"):
-            raise UserError(f"--jacobian-method explicit needs the small CNN (--arch cnn), not "
+            raise UserError(f"--jacobian-method explicit needs the small CNN or LeNet (--arch cnn or lenet), not "
                             f"{type(model).__name__}; use loop or batched")
         with torch.set_grad_enabled(create_graph):
             logits, rows = model.input_vjp(x, selectors)
@@ -528,8 +567,9 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, *, need_jacobian: bool,
 
 def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict, cfg: DistillConfig,
                            heads: Optional[ContrastiveHeads] = None,
-                           generator: Optional[torch.Generator] = None) -> Callable[..., torch.Tensor]:
-    """The training loss of one batch, as a function objective(x, y, idx) -> scalar.
+                           generator: Optional[torch.Generator] = None) -> Callable[..., dict]:
+    """The loss of one batch as named terms: objective(x, y, idx) -> {name: (weight, value)}, e.g.
+    {"kl": (1 - alpha, KL), "jacobian": (alpha, distance)}; `total_loss` sums weight x value.
 
     `targets` holds the teacher's precomputed outputs on the training set (teacher_targets);
     `idx` are the batch's rows in it. Where the teacher's Jacobians did not fit in memory they
@@ -538,15 +578,15 @@ def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict
     def kl(s_logits, idx):
         return kd_kl(s_logits, targets["logits"][idx], cfg.temperature, cfg.t2_scale)
 
-    def objective(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def objective(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict:
         if cfg.loss == "ce":
-            return F.cross_entropy(student(x), y)
+            return {"ce": (1.0, F.cross_entropy(student(x), y))}
         if cfg.loss == "kl":
-            return kl(student(x), idx)
+            return {"kl": (1.0, kl(student(x), idx))}
         if cfg.loss == "contrastive":
             feats = student.features(x)
             aux = info_nce(feats, targets["features"][idx], heads, cfg.contrastive_temperature)
-            return (1 - cfg.alpha) * kl(student.classifier(feats), idx) + cfg.alpha * aux
+            return {"kl": (1 - cfg.alpha, kl(student.classifier(feats), idx)), "infonce": (cfg.alpha, aux)}
         num_classes = targets["logits"].shape[1]
         if cfg.jacobian_estimator == "projection":
             sel = projection_selectors(cfg.projections, len(x), num_classes, x.device, generator)
@@ -559,9 +599,25 @@ def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict
             t_jac = torch.einsum("kbc,bcd->bkd", sel, targets["jacobian"][idx])
         else:
             t_jac = targets["jacobian"][idx]
-        return (1 - cfg.alpha) * kl(s_logits, idx) + cfg.alpha * jacobian_distance(s_jac, t_jac)
+        return {"kl": (1 - cfg.alpha, kl(s_logits, idx)), "jacobian": (cfg.alpha, jacobian_distance(s_jac, t_jac))}
 
     return objective
+
+
+def total_loss(terms: dict) -> torch.Tensor:
+    """weight_1 x value_1 + weight_2 x value_2 + ..., in the terms' order."""
+    weighted = [weight * value for weight, value in terms.values()]
+    return weighted[0] if len(weighted) == 1 else sum(weighted[1:], weighted[0])
+
+
+def term_grad_norms(terms: dict, params: list) -> dict[str, float]:
+    """The L2 norm of each weighted term's gradient with respect to `params` (the student's), which
+    says which term drives training; the graph is kept for the update that follows."""
+    norms = {}
+    for name, (weight, value) in terms.items():
+        grads = torch.autograd.grad(weight * value, params, retain_graph=True, allow_unused=True)
+        norms[name] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+    return norms
 
 
 def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, cfg: DistillConfig, device: torch.device,
@@ -599,14 +655,22 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, cfg: Disti
     with _progress(cfg.steps, f"student ({cfg.loss})") as bar:
         for step, idx in enumerate(_batches(len(train.y), cfg.batch_size, cfg.steps, batch_gen), 1):
             idx = idx.to(device)
-            total = objective(train.x[idx], train.y[idx], idx)
+            terms = objective(train.x[idx], train.y[idx], idx)
+            total = total_loss(terms)
+            evaluate = cfg.eval_every and cf_sets and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if evaluate:  # each term's pull on the student, measured before this step's update
+                grad_norms = term_grad_norms(terms, list(student.parameters()))
             _update(total, opt, sched, step, "distillation")
             bar.update(1)
-            if cfg.eval_every and cf_sets and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if evaluate:
                 metrics = evaluate_student(student, cf_sets, teacher_logits)
-                curves.append({"step": step, "loss": total.item(), "eval": metrics})
+                curves.append({"step": step, "loss": total.item(), "eval": metrics,
+                               "terms": {n: {"weight": w, "value": v.item(), "grad_norm": grad_norms[n]}
+                                         for n, (w, v) in terms.items()}})
+                pulls = "  ".join(f"{n} {v.item():.4f} (x{w:g}, |grad| {grad_norms[n]:.2e})"
+                                  for n, (w, v) in terms.items())
                 summary = "  ".join(f"{n} acc {m['acc']:.3f} agr {m['agreement']:.3f}" for n, m in metrics.items())
-                log(f"  step {step:5d}  loss {total.item():.4f}  {summary}")
+                log(f"  step {step:5d}  loss {total.item():.4f}  {pulls}\n             {summary}")
                 student.train()
     train_s = time.perf_counter() - t_train
     return {"curves": curves, "heads": heads, "teacher_logits": teacher_logits,

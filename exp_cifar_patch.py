@@ -364,6 +364,7 @@ def main():
     cf_sets = {name: render(test_x, test_y, name, 1.0, 1.0, patterns, blank, test_items, test_gen) for name in names}
     teacher_heldout, student_heldout = (render(test_x, test_y, config, *fracs, patterns, blank, test_items, test_gen)
                                         for config in (args.teacher_config, args.student_config))
+    image_size = tuple(student_train.x.shape[2:])  # (H, W), which LeNet's fully connected layer needs
     notes = [MANDELBROT_NOTE] if args.patch_pattern == "mandelbrot" else []
     print(f"data: {args.data}{' + ' + args.domino_data + ' dominoes' if args.dominoes else ''}, patch {args.patch_pattern}, "
           f"{len(train_y)} training images {tuple(teacher_train.x.shape[1:])}, test sets of {len(test_y)}; "
@@ -374,7 +375,7 @@ def main():
 
     # ------------------------------------------------------------------------- teacher
     teacher, teacher_record = harness.get_teacher(
-        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width),
+        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width, image_size),
         train=teacher_train, heldout=teacher_heldout,
         data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
                   "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
@@ -384,7 +385,7 @@ def main():
 
     # ------------------------------------------------------------------------- student
     common.seed_everything(distill_cfg.seed + 1)
-    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width)
+    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width, image_size)
     run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
 
     # ------------------------------------------------------------------------- evaluate and save

@@ -134,13 +134,14 @@ def main():
     cf_sets = {name: render(test_x, test_y, name, 1.0, args.test_renders, mean_digit, test_gen) for name in TEST_CONFIGS}
     teacher_heldout, student_heldout = (render(test_x, test_y, config, args.spurious_frac, 1, mean_digit, test_gen)
                                         for config in (args.teacher_config, args.student_config))
+    image_size = tuple(student_train.x.shape[2:])  # (H, W), which LeNet's fully connected layer needs
     print(f"data: {args.data}, {len(train_y)} training digits x {args.train_renders}, "
           f"test sets of {len(cf_sets['I'].y)}; teacher on {args.teacher_config}, student on {args.student_config}")
     harness.print_settings(teacher_cfg, distill_cfg)
 
     # ------------------------------------------------------------------------- teacher
     teacher, teacher_record = harness.get_teacher(
-        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width),
+        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width, image_size),
         train=teacher_train, heldout=teacher_heldout,
         data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
                   "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
@@ -148,7 +149,7 @@ def main():
 
     # ------------------------------------------------------------------------- student
     common.seed_everything(distill_cfg.seed + 1)
-    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width)
+    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width, image_size)
     run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
 
     # ------------------------------------------------------------------------- evaluate and save

@@ -94,10 +94,10 @@ g.add_argument("--n-test", type=int, default=None,
 g.add_argument("--image-size", type=int, default=32, help="images are SIZE x SIZE pixels (default 32)")
 g.add_argument("--pretrained", action="store_true",
                help="start teacher and student from torchvision's ImageNet weights (with --arch resnet18 or resnet50)")
-harness.add_common_args(parser, TEACHER, DISTILL, archs=("cnn", "resnet18", "resnet50"),
-                        arch_help="cnn: common's small CNN (CPU-friendly, default); resnet18 / resnet50: torchvision's "
-                                  "ImageNet ResNets, as used on the real data (--teacher-width and --student-width do "
-                                  "not apply)")
+harness.add_common_args(parser, TEACHER, DISTILL, archs=("cnn", "lenet", "resnet18", "resnet50"),
+                        arch_help="cnn: common's small CNN (CPU-friendly, default); lenet: common's LeNet-style net "
+                                  "(no global pooling); resnet18 / resnet50: torchvision's ImageNet ResNets, as used on "
+                                  "the real data (--teacher-width and --student-width do not apply)")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -109,7 +109,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if not 16 <= args.image_size <= MAX_IMAGE_SIZE or min(args.n_train or 0, args.n_test or 0) < 0:
         raise common.UserError(f"--image-size must be between 16 and {MAX_IMAGE_SIZE}; --n-train and --n-test at "
                                f"least 0")
-    if args.pretrained and args.arch == "cnn":
+    if args.pretrained and args.arch in ("cnn", "lenet"):
         raise common.UserError("--pretrained needs an ImageNet architecture: add --arch resnet18 or --arch resnet50")
     for config in (args.teacher_config, args.student_config):
         common.parse_config(config, MECHANISMS)
@@ -462,9 +462,10 @@ class TorchvisionNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_model(arch: str, width: int, pretrained: bool) -> nn.Module:
-    if arch == "cnn":
-        return common.build_model(arch, 3, NUM_CLASSES, width)
+def build_model(arch: str, width: int, pretrained: bool, size: int) -> nn.Module:
+    """common's small CNN or LeNet for size x size images, or a torchvision ImageNet ResNet."""
+    if arch in ("cnn", "lenet"):
+        return common.build_model(arch, 3, NUM_CLASSES, width, (size, size))
     return TorchvisionNet(arch, NUM_CLASSES, pretrained)
 
 
@@ -502,7 +503,7 @@ def main():
 
     # ------------------------------------------------------------------------- teacher
     teacher, teacher_record = harness.get_teacher(
-        args, teacher_cfg, device, build=lambda: build_model(teacher_cfg.arch, teacher_cfg.width, args.pretrained),
+        args, teacher_cfg, device, build=lambda: build_model(teacher_cfg.arch, teacher_cfg.width, args.pretrained, args.image_size),
         train=teacher_train, heldout=teacher_heldout,
         data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
                   "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
@@ -511,7 +512,7 @@ def main():
 
     # ------------------------------------------------------------------------- student
     common.seed_everything(distill_cfg.seed + 1)
-    student = build_model(distill_cfg.arch, distill_cfg.width, args.pretrained)
+    student = build_model(distill_cfg.arch, distill_cfg.width, args.pretrained, args.image_size)
     run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
 
     # ------------------------------------------------------------------------- evaluate and save

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (JACOBIAN_METHODS, LOSSES, TEST_SEED, DistillConfig, TeacherConfig, TensorSet, UserError,
+from common import (ARCHS, JACOBIAN_METHODS, LOSSES, TEST_SEED, DistillConfig, TeacherConfig, TensorSet, UserError,
                     evaluate_student, freeze, predict, seed_everything, teacher_metrics, train_teacher)
 
 MAX_SEED = 2 ** 31 - 2  # numpy takes seeds below 2**32; the student uses seed + 1
@@ -294,7 +294,9 @@ def prepare_run(args: argparse.Namespace, experiment: str) -> tuple[torch.device
 
 
 def add_common_args(parser: argparse.ArgumentParser, teacher: TeacherConfig, student: DistillConfig,
-                    archs: tuple[str, ...] = ("cnn", "resnet18"), arch_help: str = "cnn (CPU-friendly) or resnet18 (GPU)") -> None:
+                    archs: tuple[str, ...] = ARCHS,
+                    arch_help: str = "cnn: small CNN with global pooling (CPU-friendly, default); lenet: "
+                                     "LeNet-style, a fully connected head and no global pooling; resnet18 (GPU)") -> None:
     """The flags every experiment shares, with the defaults of the script's settings block:
     the distillation, training lengths, device, output. Each script adds its own data flags."""
     g = parser.add_argument_group("distillation")
@@ -365,9 +367,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError("--eval-every must be at least 1")
     if args.top_k is not None and args.top_k < 1:
         raise UserError("--top-k must be at least 1")
-    if args.jacobian_method == "explicit" and args.arch != "cnn":  # before the teacher trains, not after
-        raise UserError(f"--jacobian-method explicit needs the small CNN (--arch cnn), not {args.arch}; "
-                        f"use loop or batched")
+    if args.jacobian_method == "explicit" and args.arch not in ("cnn", "lenet"):  # before the teacher trains
+        raise UserError(f"--jacobian-method explicit needs --arch cnn or lenet, not {args.arch}; use loop or batched")
 
 
 def settings_from_flags(args: argparse.Namespace, teacher: TeacherConfig,

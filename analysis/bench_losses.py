@@ -78,7 +78,8 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
         params = list(student.parameters()) + (list(heads.parameters()) if heads else [])
         opt = torch.optim.Adam(params, lr=1e-4)
         if jac_method == "naive":
-            objective = lambda x, y, idx: naive_reference_loss(student, teacher, x, targets["logits"][idx], 0.5, 4.0)
+            objective = lambda x, y, idx: {"naive": (1.0, naive_reference_loss(  # noqa: E731
+                student, teacher, x, targets["logits"][idx], 0.5, 4.0))}
         else:
             cfg = common.DistillConfig(loss=loss, jacobian_method=jac_method, jacobian_estimator=estimator, projections=k)
             objective = common.distillation_objective(student, teacher, targets, cfg, heads,
@@ -91,7 +92,7 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            total = objective(data.x[idx], data.y[idx], idx)
+            total = common.total_loss(objective(data.x[idx], data.y[idx], idx))
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()

@@ -11,12 +11,18 @@ For each experiment found in the folder:
   <exp>_curves_<T>_<S>.png         metrics over training steps, mean and +-1 std band over seeds
   <exp>_categories_<metric>.png    every (teacher, student, test set) cell by category (similarity,
                                    teacher, student, neither, other), one point per cell and loss
+  <exp>_dose_<setting>_<T>_<S>.png with --dose SETTING (a swept flag, e.g. alpha): the dose-response,
+                                   one panel per (metric, test set), x = the setting's value, one line
+                                   per loss with its 95 % CI band over seeds; a loss run at a single
+                                   value is a dashed reference line
 
     python analysis/figures.py results/grid --out figures
+    python analysis/figures.py results/sweep_alpha --kinds dose --dose alpha --sets IA I+rA
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -38,7 +44,7 @@ LABELS = {"acc": "student accuracy", "kl": "KL(teacher || student)", "agreement"
           "avg_acc": "average group accuracy", "worst_group_acc": "worst-group accuracy",
           "teacher_acc": "teacher accuracy", "teacher_worst_group_acc": "teacher worst-group accuracy"}
 LOWER_IS_BETTER = ("kl",)
-KINDS = ("bars", "curves", "heatmap", "diff", "categories")
+KINDS = ("bars", "curves", "heatmap", "diff", "categories", "dose")
 COLOURS = {"ce": "#8c8c8c", "kl": "#1f77b4", "jacobian": "#d62728", "contrastive": "#2ca02c"}
 EXTRA_COLOURS = ["#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#bcbd22", "#7f7f7f"]
 
@@ -317,6 +323,77 @@ def categories(runs: list[R.Run], exp: str, metric: str, out: str, written: list
 
 # ----------------------------------------------------------------------------- main
 
+# ----------------------------------------------------------------------------- 6. dose-response
+
+def _dose_x(values: list) -> tuple[list, list[float], list[str], bool]:
+    """A setting's values in order with their positions and tick labels: the numbers themselves
+    when all are numbers (on a log axis when they span over a decade), else evenly spaced."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        order = sorted(values)
+        return (order, [float(v) for v in order], [f"{v:g}" for v in order],
+                min(order) > 0 and max(order) / min(order) > 10)
+    order = sorted(values, key=json.dumps)
+    return order, list(range(len(order))), [str(v) for v in order], False
+
+
+def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metrics: list[str], sets: list[str],
+         out: str, written: list[str]) -> None:
+    """One panel per (metric, test set): x = the value of setting `key`, one line per loss (and
+    per other varying setting) with the 95 % Student-t band over seeds."""
+    pair_runs = R.select(runs, teacher=teacher, student=student)
+    values = [json.loads(v) for v in sorted({json.dumps(r.settings.get(key)) for r in pair_runs})]
+    if len(values) < 2:
+        raise UserError(f"{exp}, teacher {teacher}, student {student}: setting '{key}' takes one value only "
+                        f"({values[0]}); sweep it with analysis/grid.py --sweep {key.replace('_', '-')}=V1,V2,...")
+    order, xs, ticks, log = _dose_x(values)
+    position = {json.dumps(v): x for v, x in zip(order, xs)}
+    others = {k for r in pair_runs for k in r.settings if k != key
+              and len({json.dumps(q.settings.get(k)) for q in pair_runs}) > 1}
+    def line_of(r):  # noqa: E306
+        extra = ", ".join(f"{k}={r.settings.get(k)}" for k in sorted(others))
+        return f"{r.loss} [{extra}]" if extra else r.loss
+    lines = sorted({line_of(r) for r in pair_runs}, key=lambda m: (R.LOSSES.index(m.split(" ")[0])
+                                                               if m.split(" ")[0] in R.LOSSES else 99, m))
+    fig, axes = plt.subplots(len(metrics), len(sets), figsize=(3.6 * len(sets), 2.9 * len(metrics)), dpi=100,
+                             squeeze=False)
+    for row, metric in enumerate(metrics):
+        for col, test_set in enumerate(sets):
+            ax = axes[row][col]
+            for line in lines:
+                line_runs = [r for r in pair_runs if line_of(r) == line]
+                by_value: dict[str, list[R.Run]] = {}
+                for r in line_runs:
+                    by_value.setdefault(json.dumps(r.settings.get(key)), []).append(r)
+                stats = {v: R.summarize(R.value(r, test_set, metric) for r in rs) for v, rs in by_value.items()}
+                c = colour(line, lines)
+                if len(stats) == 1:  # run at one value only (e.g. kl, which has no alpha): a reference
+                    st = next(iter(stats.values()))
+                    ax.axhline(st.mean, color=c, ls="--", lw=1.2, label=f"{line} (one value)")
+                    continue
+                pts = sorted((position[v], st) for v, st in stats.items())
+                x = [p for p, _ in pts]
+                ax.plot(x, [st.mean for _, st in pts], "o-", color=c, lw=1.5, ms=3, label=line)
+                ax.fill_between(x, [st.lo for _, st in pts], [st.hi for _, st in pts], color=c, alpha=0.15, lw=0)
+            if log:
+                ax.set_xscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels(ticks, fontsize=7)
+            ax.set_title(f"{label(metric)} on {test_set}", fontsize=9)
+            if row == len(metrics) - 1:
+                ax.set_xlabel(key)
+            if is_fraction(metric):
+                ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+    handles = {l: h for ax in axes.flat for h, l in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(handles.values(), handles.keys(), title="loss", fontsize=8, loc="upper left",
+                       bbox_to_anchor=(1.01, 1))
+    n = sorted({len(rs) for rs in R.group_cells(pair_runs).values()})
+    fig.suptitle(f"{exp}: teacher {teacher}, student {student}; dose-response in {key} "
+                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds)")
+    fig.tight_layout()
+    save(fig, os.path.join(out, f"{exp}_dose_{safe(key)}_{safe(teacher)}_{safe(student)}.png"), written)
+
+
 def parse_pair(text: str) -> tuple[str, str]:
     if text.count("/") != 1:
         raise UserError(f"--pair takes TEACHER/STUDENT, e.g. I/IA, got '{text}'")
@@ -337,11 +414,20 @@ def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> No
         raise UserError(f"{exp} has no runs for --pair {', '.join(missing)}; it has "
                         f"{', '.join(f'{t}/{s}' for t, s in all_pairs)}")
     kinds = set(args.kinds)
+    sets = args.sets or R.test_sets(runs)
+    unknown = [x for x in sets if x not in R.test_sets(runs)]
+    if unknown:
+        raise UserError(f"{exp} has no test set {', '.join(unknown)}; it has {', '.join(R.test_sets(runs))}")
+    if args.dose and args.dose not in {k for r in runs for k in r.settings}:
+        raise UserError(f"{exp}: no setting '{args.dose}' in the runs' flags; name a flag as the JSON's config "
+                        f"spells it, e.g. alpha, temperature, student_width")
     for t, s in pairs:
         if "bars" in kinds:
             bars(runs, exp, t, s, metrics, args.error, args.out, written)
         if "curves" in kinds:
             curves(runs, exp, t, s, metrics, args.out, written)
+        if "dose" in kinds and args.dose:
+            dose(runs, exp, t, s, args.dose, metrics, sets, args.out, written)
     if not kinds & {"heatmap", "diff", "categories"}:
         return
     students, teachers, _, _ = _grid_axes(runs)
@@ -379,6 +465,9 @@ parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), he
 parser.add_argument("--methods", nargs="+", default=None,
                     help="methods (losses) that get heatmaps and difference heatmaps (default: all)")
 parser.add_argument("--baseline", default="kl", help="method subtracted in the difference heatmaps (default kl)")
+parser.add_argument("--dose", default=None, metavar="SETTING",
+                    help="draw the dose-response in this swept setting (e.g. alpha; see analysis/grid.py --sweep)")
+parser.add_argument("--sets", nargs="+", default=None, help="test sets of the dose-response panels (default: all)")
 parser.add_argument("--error", choices=("std", "ci"), default="std",
                     help="error bars of the bar charts: 1 std (default; readable with 2-3 seeds) or the 95%% "
                          "Student-t CI (with 2 seeds it is 9 std wide); the tables give both")

@@ -17,9 +17,17 @@ suspect still counts as done (a rerun would flag it again); figures and tables l
     python analysis/grid.py exp_colored_mnist.py --mechanisms IA --seeds 0 1 --results results/grid
     python analysis/grid.py exp_colored_mnist.py --mechanisms IA --slurm grid.sbatch   # cluster
 
+Sweeps: `--sweep FLAG=V1,V2,...` (repeatable) runs every cell once per value of any script flag,
+e.g. `--sweep alpha=0.1,0.5,0.9 --sweep temperature=1,4`; each result is named with the values
+(`..._seed0_alpha0.5_temperature4.json`) and records them in its arguments, so figures.py can
+draw the dose-response of a metric against them (--dose).
+
+    python analysis/grid.py exp_colored_mnist.py --teachers I+rA --students IA --losses kl jacobian \
+        --sweep alpha=0.1,0.5,0.9 --seeds 0 1 2 --results results/sweep_alpha
+
 Arguments after `--` go to every call of the script unchanged (e.g. `-- --steps 150`), except the
 flags the grid sets for each cell (--teacher-config, --student-config, --loss, --seed, --out,
---cache-dir), in full or abbreviated.
+--cache-dir, the swept flags), in full or abbreviated.
 """
 from __future__ import annotations
 
@@ -66,6 +74,9 @@ parser.add_argument("--teachers", nargs="+", default=None, help="teacher configu
 parser.add_argument("--students", nargs="+", default=None, help="student configurations")
 parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES, help="losses (default: all four)")
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (default 0 1)")
+parser.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2,...",
+                    help="also vary a script flag over these values, e.g. alpha=0.1,0.5,0.9 (repeatable: every "
+                         "combination runs)")
 parser.add_argument("--results", default=None, help="folder of the result JSON files (default results/<script name>)")
 parser.add_argument("--cache-dir", default="cache/teachers", help="teacher cache shared by all cells (default cache/teachers)")
 parser.add_argument("--workers", type=int, default=None,
@@ -91,10 +102,13 @@ class Cell:
     student: str
     loss: str
     seed: int
+    swept: tuple = ()  # ((flag, value), ...) of --sweep, flag without its dashes
 
     @property
     def name(self) -> str:
-        return f"{self.teacher}_{self.student}_{self.loss}_seed{self.seed}"
+        tags = "".join(f"_{flag.replace('-', '_')}{re.sub(r'[^A-Za-z0-9.+-]', '-', value)}"
+                       for flag, value in self.swept)
+        return f"{self.teacher}_{self.student}_{self.loss}_seed{self.seed}{tags}"
 
 
 def all_configs(mechanisms: str) -> list[str]:
@@ -104,10 +118,34 @@ def all_configs(mechanisms: str) -> list[str]:
     return ["".join(c) for k in range(1, len(letters) + 1) for c in itertools.combinations(letters, k)]
 
 
-def make_cells(teachers: list[str], students: list[str], losses: list[str], seeds: list[int]) -> list[Cell]:
-    """All cells, ordered so that the first cells need distinct teachers (they train in parallel
-    and fill the cache), then the slowest losses first."""
-    cells = [Cell(t, s, l, seed) for t in teachers for s in students for l in losses for seed in seeds]
+def parse_sweeps(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """`--sweep` arguments as [(flag without dashes, [values])]; UserError for a malformed one."""
+    sweeps = []
+    for spec in specs:
+        flag, eq, values = spec.partition("=")
+        flag = flag.strip().lstrip("-")
+        vals = [v.strip() for v in values.split(",")]
+        if not eq or not re.fullmatch(r"[a-z][a-z0-9-]*", flag) or not all(vals):
+            raise UserError(f"--sweep '{spec}' is not FLAG=V1,V2,...; write e.g. --sweep alpha=0.1,0.5,0.9")
+        if len(set(vals)) != len(vals):
+            raise UserError(f"--sweep '{spec}' repeats a value")
+        if flag in [f for f, _ in sweeps]:
+            raise UserError(f"--sweep names {flag} twice; give all its values in one --sweep {flag}=...")
+        if shadowed_flag(f"--{flag}"):
+            raise UserError(f"--sweep {flag}: the grid sets --{flag} for each cell itself; use its own options "
+                            f"(--teachers, --students, --losses, --seeds, --results, --cache-dir)")
+        sweeps.append((flag, vals))
+    return sweeps
+
+
+def make_cells(teachers: list[str], students: list[str], losses: list[str], seeds: list[int],
+               sweeps: Optional[list[tuple[str, list[str]]]] = None) -> list[Cell]:
+    """All cells (every combination of the swept values too), ordered so that the first cells need
+    distinct teachers (they train in parallel and fill the cache), then the slowest losses first."""
+    flags = [flag for flag, _ in sweeps or []]
+    combos = [tuple(zip(flags, values)) for values in itertools.product(*[v for _, v in sweeps or []])]
+    cells = [Cell(t, s, l, seed, swept) for t in teachers for s in students for l in losses for seed in seeds
+             for swept in combos]
     cost = {loss: i for i, loss in enumerate(COST_ORDER)}
     cells.sort(key=lambda c: (cost.get(c.loss, 0), c.student, c.teacher, c.seed))
     first, rest, seen = [], [], set()
@@ -131,8 +169,9 @@ def is_done(path: str) -> bool:
 def cell_args(args, cell: Cell) -> list[str]:
     """The arguments of one call of the script (after its path), as the script sees them in sys.argv[1:]."""
     out = os.path.join(args.results, f"{cell.name}.json")
+    swept = [a for flag, value in cell.swept for a in (f"--{flag}", value)]
     return ["--teacher-config", cell.teacher, "--student-config", cell.student, "--loss", cell.loss,
-            "--seed", str(cell.seed), "--out", out, "--cache-dir", args.cache_dir, *args.extra]
+            "--seed", str(cell.seed), "--out", out, "--cache-dir", args.cache_dir, *swept, *args.extra]
 
 
 def command(args, cell: Cell) -> list[str]:
@@ -514,6 +553,11 @@ def check_options(args) -> None:
         if flag:
             raise UserError(f"'{a}' after -- would set the script's {flag}, which the grid sets for each cell; "
                             f"remove it (use the grid's own options, e.g. --seeds, --results, --cache-dir)")
+    args.sweeps = parse_sweeps(args.sweep)
+    for flag, _ in args.sweeps:
+        clash = [a for a in args.extra if a == f"--{flag}" or a.startswith(f"--{flag}=")]
+        if clash:
+            raise UserError(f"'{clash[0]}' after -- sets a flag that --sweep {flag} varies; remove one of them")
 
 
 def main() -> int:
@@ -543,7 +587,7 @@ def main() -> int:
     args.results = os.path.abspath(args.results or os.path.join(ROOT, "results", name.removeprefix("exp_")))
     args.cache_dir = os.path.abspath(args.cache_dir)
     cells = make_cells(list(dict.fromkeys(teachers)), list(dict.fromkeys(students)), args.losses,
-                       list(dict.fromkeys(args.seeds)))
+                       list(dict.fromkeys(args.seeds)), args.sweeps)
     todo = check_existing(args, cells)
     if args.dry_run:
         for c in cells:

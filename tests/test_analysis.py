@@ -686,3 +686,74 @@ def test_runs_that_differ_in_a_shared_setting_are_flagged(tmp_path):
     assert len(warnings) == 1 and "lr = 0.001 (kl) vs 0.02 (jacobian)" in warnings[0]
     write(tmp_path, "b.json", result(loss="jacobian", lr=0.001, alpha=0.2))
     assert R.confounders(R.load_results(str(tmp_path))) == {}
+
+
+# ----------------------------------------------------------------------------- sweeps and dose-response
+
+def test_grid_sweep_runs_every_combination_with_its_values_in_the_name(grid_cli, tmp_path):
+    r = grid_cli("--dry-run", "--sweep", "alpha=0.1,0.9", "--sweep=--arch=cnn,lenet", "--", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("todo  ") for line in lines)
+    for alpha in ("0.1", "0.9"):
+        for arch in ("cnn", "lenet"):
+            line = next(x for x in lines if f"I_IA_kl_seed0_alpha{alpha}_arch{arch}.json" in x)
+            assert f"--alpha {alpha} --arch {arch} --steps 2" in line
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--sweep", "alpha"], "is not FLAG=V1,V2"),
+    (["--sweep", "alpha=0.1,,0.5"], "is not FLAG=V1,V2"),
+    (["--sweep", "alpha=0.1,0.1"], "repeats a value"),
+    (["--sweep", "alpha=0.1", "--sweep", "alpha=0.5"], "names alpha twice"),
+    (["--sweep", "seed=1,2"], "the grid sets --seed for each cell itself"),
+    (["--sweep", "alpha=0.1,0.5", "--", "--alpha", "0.3"], "'--alpha' after -- sets a flag that --sweep alpha varies"),
+])
+def test_grid_rejects_bad_sweeps(grid_cli, tmp_path, bad, message):
+    r = grid_cli(*bad)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "res").exists()
+
+
+def sweep_results(folder, seeds=(0, 1, 2)):
+    """kl at one alpha (it has none to sweep) and jacobian at three, agreement rising with alpha."""
+    for seed in seeds:
+        write(folder, f"kl_{seed}.json", result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1 + 0.01 * seed}))
+        for alpha in (0.1, 0.5, 0.9):
+            write(folder, f"jac_{alpha}_{seed}.json", result("toy", "I+rA", "IA", "jacobian", seed,
+                                                              {"IA": 0.9, "I+rA": alpha + 0.01 * seed}, alpha=alpha))
+
+
+def test_dose_response_figure_has_a_line_per_loss_and_a_band(tmp_path, monkeypatch):
+    sweep_results(tmp_path / "r")
+    runs = R.load_results(str(tmp_path / "r"))
+    drawn = {}
+    real_save = figures.save
+
+    def keep(fig, path, written):
+        drawn[os.path.basename(path)] = [ax for ax in fig.axes]
+        lines = {l.get_label(): l for ax in fig.axes[:1] for l in ax.get_lines()}
+        drawn["lines"] = {k: (list(v.get_xdata()), list(v.get_ydata())) for k, v in lines.items()}
+        drawn["bands"] = len(fig.axes[0].collections)
+        real_save(fig, path, written)
+    monkeypatch.setattr(figures, "save", keep)
+    written = []
+    os.makedirs(tmp_path / "f")
+    figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose", "--dose", "alpha",
+                                                     "--metrics", "agreement", "--sets", "I+rA"), written)
+    assert [os.path.basename(p) for p in written] == ["toy_dose_alpha_I+rA_IA.png"]
+    xs, ys = drawn["lines"]["jacobian"]
+    assert xs == [0.1, 0.5, 0.9] and ys == pytest.approx([0.11, 0.51, 0.91])  # means over the three seeds
+    assert drawn["lines"]["kl (one value)"][1] == pytest.approx([0.11, 0.11])  # a horizontal reference
+    assert drawn["bands"] == 1  # the jacobian line's 95 % CI band
+
+
+def test_dose_response_needs_a_swept_setting(tmp_path):
+    grid_results(tmp_path / "r")
+    runs = R.load_results(str(tmp_path / "r"))
+    with pytest.raises(figures.UserError, match="takes one value only"):
+        figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
+                                                         "--dose", "alpha"), [])
+    with pytest.raises(figures.UserError, match="no setting 'lr'"):
+        figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
+                                                         "--dose", "lr"), [])

@@ -273,5 +273,5 @@ def test_sigterm_is_an_interrupt_not_a_traceback(tmp_path):
 def test_explicit_jacobian_method_with_a_resnet_fails_before_training(tmp_path):
     r = run("--smoke", "--loss", "jacobian", "--arch", "resnet18", "--jacobian-method", "explicit",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json"))
-    assert r.returncode == 2 and "explicit needs the small CNN" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "explicit needs --arch cnn or lenet" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "r.json").exists()  # no teacher was trained

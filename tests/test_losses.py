@@ -73,7 +73,7 @@ def training_objective(student, teacher, train_x, idx, cfg, max_bytes=2e9, gener
     targets = common.teacher_targets(teacher, train_x, need_jacobian=True, top_k=top_k,
                                      method=cfg.jacobian_method, max_bytes=max_bytes)
     objective = common.distillation_objective(student, teacher, targets, cfg, generator=generator)
-    return objective(train_x[idx], torch.zeros(len(idx), dtype=torch.long), idx), targets
+    return common.total_loss(objective(train_x[idx], torch.zeros(len(idx), dtype=torch.long), idx)), targets
 
 
 def assert_same_loss_and_student_grads(got, expected, student):
@@ -148,11 +148,12 @@ def test_jacobian_term_is_zero_for_a_copy_of_the_teacher():
     assert all(torch.isfinite(g).all() for g in grads(loss, student))  # no NaN from the norm at 0
 
 
-@pytest.mark.parametrize("size", [13, 9])
-def test_explicit_backward_pass_matches_autograd(size):
-    """SmallCNN.input_vjp against autograd: rows and their parameter gradients, odd map sizes too."""
+@pytest.mark.parametrize("arch,size", [("cnn", 13), ("cnn", 9), ("lenet", 12), ("lenet", 15)])
+def test_explicit_backward_pass_matches_autograd(arch, size):
+    """input_vjp of the small CNN and of LeNet against autograd: rows and their parameter
+    gradients, odd map sizes too."""
     torch.manual_seed(3)
-    model = common.SmallCNN(3, 5, 4)
+    model = common.build_model(arch, 3, 5, 4, (size, size))
     x = torch.rand(4, 3, size, size)
     sel = common.projection_selectors(3, 4, 5, torch.device("cpu"), torch.Generator().manual_seed(0))
     logits_auto, rows_auto = common.input_jacobian(model, x, sel, create_graph=True, method="loop")
@@ -286,3 +287,33 @@ def test_distill_keeps_teacher_frozen_and_trains_heads(monkeypatch):
     trained = run["heads"].state_dict()
     assert not torch.equal(created[0]["student.weight"], trained["student.weight"])
     assert not torch.equal(created[0]["teacher.weight"], trained["teacher.weight"])
+
+
+def test_curves_record_each_term_with_its_weight_value_and_gradient_norm():
+    torch.manual_seed(0)
+    teacher = common.freeze(common.SmallCNN(3, 10, 4))
+    student = common.SmallCNN(3, 10, 4)
+    train = common.TensorSet(torch.rand(16, 3, 8, 8), torch.randint(10, (16,)))
+    cfg = common.DistillConfig(loss="jacobian", alpha=0.3, steps=2, batch_size=8, eval_every=2)
+    run = common.distill(student, teacher, train, cfg, torch.device("cpu"), cf_sets={"all": train}, log=lambda m: None)
+    terms = run["curves"][-1]["terms"]
+    assert set(terms) == {"kl", "jacobian"}
+    assert terms["kl"]["weight"] == pytest.approx(0.7) and terms["jacobian"]["weight"] == pytest.approx(0.3)
+    assert run["curves"][-1]["loss"] == pytest.approx(0.7 * terms["kl"]["value"] + 0.3 * terms["jacobian"]["value"],
+                                                      rel=1e-5)
+    assert all(t["grad_norm"] > 0 and math.isfinite(t["grad_norm"]) for t in terms.values())
+
+
+def test_term_gradient_norms_by_hand():
+    student, teacher = models()[0]
+    train_x = inputs(0)
+    cfg = common.DistillConfig(loss="jacobian", alpha=0.3)
+    targets = common.teacher_targets(teacher, train_x, need_jacobian=True, top_k=None, method="auto")
+    terms = common.distillation_objective(student, teacher, targets, cfg)(train_x[IDX], None, IDX)
+    norms = common.term_grad_norms(terms, list(student.parameters()))
+    for name, (weight, value) in terms.items():
+        by_hand = torch.cat([g.flatten() for g in torch.autograd.grad(weight * value, list(student.parameters()),
+                                                                      retain_graph=True, allow_unused=True)
+                             if g is not None]).norm().item()
+        assert norms[name] == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
+    common.total_loss(terms).backward()  # the graph is still there for the update

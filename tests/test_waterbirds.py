@@ -224,7 +224,7 @@ def test_bad_flags_are_user_errors(args, message):
 # ----------------------------------------------------------------------------- ImageNet backbones
 
 def test_torchvision_backbone_has_common_interface():
-    model = wb.build_model("resnet18", 8, pretrained=False)
+    model = wb.build_model("resnet18", 8, pretrained=False, size=32)
     x = torch.rand(2, 3, 32, 32)
     assert model.features(x).shape == (2, model.feature_dim)
     assert model(x).shape == (2, 2) and model.classifier.out_features == 2
@@ -236,7 +236,7 @@ def test_pretrained_weights_offline_give_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(common.UserError, match="ImageNet weights for resnet18") as info:
-        wb.build_model("resnet18", 8, pretrained=True)
+        wb.build_model("resnet18", 8, pretrained=True, size=32)
     assert str(tmp_path) in str(info.value) and "--pretrained" in str(info.value)
 
 
