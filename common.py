@@ -69,6 +69,7 @@ class DistillConfig:
     top_k: Optional[int] = None
     contrastive_temperature: float = 0.1
     contrastive_dim: int = 128
+    contrastive_negatives: str = "batch"  # batch: every other sample; same-class: only those of its label
     eval_every: int = 60               # steps between two points of the curves (0: none)
     seed: int = 0
 
@@ -326,12 +327,20 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 
 
 def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor, heads: ContrastiveHeads,
-             temperature: float = 0.1) -> torch.Tensor:
+             temperature: float = 0.1, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In-batch InfoNCE (CRD without the memory bank): the positive of student sample i is teacher
-    sample i, every other sample of the batch is a negative; symmetric in the two directions."""
+    sample i, every other sample of the batch is a negative; symmetric in the two directions.
+
+    With `labels`, only samples of the same label are negatives. Where a spurious cue identifies
+    the class (colour on `IA` data), features that encode the class alone already separate a
+    sample from the other classes' negatives; against same-class negatives only the teacher's
+    finer features (the digit's shape) identify the positive. A sample alone in its class has no
+    negative and adds log 1 = 0."""
     zs = F.normalize(heads.student(student_features), dim=1)
     zt = F.normalize(heads.teacher(teacher_features), dim=1)
     logits = zs @ zt.t() / temperature
+    if labels is not None:
+        logits = logits.masked_fill(labels[:, None] != labels[None, :], float("-inf"))
     target = torch.arange(len(zs), device=zs.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
@@ -585,7 +594,8 @@ def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict
             return {"kl": (1.0, kl(student(x), idx))}
         if cfg.loss == "contrastive":
             feats = student.features(x)
-            aux = info_nce(feats, targets["features"][idx], heads, cfg.contrastive_temperature)
+            aux = info_nce(feats, targets["features"][idx], heads, cfg.contrastive_temperature,
+                           y if cfg.contrastive_negatives == "same-class" else None)
             return {"kl": (1 - cfg.alpha, kl(student.classifier(feats), idx)), "infonce": (cfg.alpha, aux)}
         num_classes = targets["logits"].shape[1]
         if cfg.jacobian_estimator == "projection":
@@ -631,6 +641,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, cfg: Disti
         raise UserError(f"unknown loss '{cfg.loss}'; use one of {', '.join(LOSSES)}")
     if cfg.jacobian_estimator not in ("exact", "projection"):
         raise UserError(f"unknown Jacobian estimator '{cfg.jacobian_estimator}'; use exact or projection")
+    if cfg.contrastive_negatives not in ("batch", "same-class"):
+        raise UserError(f"unknown contrastive negatives '{cfg.contrastive_negatives}'; use batch or same-class")
     freeze(teacher.to(device))
     student.to(device).train()
     t_start = time.perf_counter()

@@ -317,6 +317,9 @@ def add_common_args(parser: argparse.ArgumentParser, teacher: TeacherConfig, stu
     g.add_argument("--top-k", type=int, default=student.top_k, help="match only the teacher's top-k classes' Jacobian rows")
     g.add_argument("--contrastive-temperature", type=float, default=student.contrastive_temperature,
                    help=f"InfoNCE temperature (default {student.contrastive_temperature:g})")
+    g.add_argument("--contrastive-negatives", choices=("batch", "same-class"), default=student.contrastive_negatives,
+                   help="InfoNCE negatives: every other sample of the batch, or only those of the same label "
+                        f"(default {student.contrastive_negatives})")
     g = parser.add_argument_group("training")
     g.add_argument("--arch", choices=archs, default=student.arch, help=arch_help)
     g.add_argument("--teacher-width", type=int, default=teacher.width, help=f"teacher width (default {teacher.width})")
@@ -383,7 +386,7 @@ def settings_from_flags(args: argparse.Namespace, teacher: TeacherConfig,
         batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
         t2_scale=student.t2_scale and not args.no_t2, jacobian_method=args.jacobian_method,
         jacobian_estimator=args.jacobian_estimator, projections=args.projections, top_k=args.top_k,
-        contrastive_temperature=args.contrastive_temperature,
+        contrastive_temperature=args.contrastive_temperature, contrastive_negatives=args.contrastive_negatives,
         eval_every=args.eval_every or max(args.steps // 10, 1), seed=args.seed)
     return teacher, student
 

@@ -53,6 +53,7 @@ class Run:
     method: str = ""
     nonfinite: list = field(default_factory=list)  # metric keys whose value is null, NaN or infinite
     flags: list = field(default_factory=list)  # the script's reasons to distrust the run
+    fit: dict = field(default_factory=dict)  # the student on held-out data of its own configuration: acc, agreement
 
 
 class BadResult(ValueError):
@@ -114,8 +115,10 @@ def parse_result(data, path: str = "") -> Run:
             curves.append((point["step"], {n: _flatten(m, bad=bad, where=f"{where}{n}.")
                                            for n, m in point["eval"].items() if isinstance(m, dict)}))
     settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
+    fit = _flatten(student["fit"]) if isinstance(student.get("fit"), dict) else {}
     return Run(path, data["experiment"], str(config["teacher_config"]), str(config["student_config"]),
-               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves, nonfinite=bad, flags=flags)
+               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves, nonfinite=bad, flags=flags,
+               fit=fit)
 
 
 def skip_reason(run: Run) -> str:
@@ -203,7 +206,8 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
     return unique
 
 
-LOSS_SPECIFIC = {"alpha", "temperature", "no_t2", "jacobian_estimator", "projections", "top_k", "contrastive_temperature"}
+LOSS_SPECIFIC = {"alpha", "temperature", "no_t2", "jacobian_estimator", "projections", "top_k", "contrastive_temperature",
+                 "contrastive_negatives"}
 
 
 def confounders(runs: Iterable[Run]) -> dict[str, list]:

@@ -757,3 +757,32 @@ def test_dose_response_needs_a_swept_setting(tmp_path):
     with pytest.raises(figures.UserError, match="no setting 'lr'"):
         figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
                                                          "--dose", "lr"), [])
+
+
+def test_choose_default_takes_the_largest_weight_that_keeps_the_in_distribution_fit(tmp_path):
+    """The rule reads only the fit on held-out data of the student's configuration, never a
+    counterfactual set: here the counterfactual numbers favour alpha 0.9, the fit rules it out."""
+    from analysis import choose_default
+    folder = tmp_path / "r"
+    for seed in (0, 1):
+        kl = result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1})
+        kl["student"]["fit"] = {"config": "IA", "acc": 0.95, "agreement": 0.95, "fit": 0.95, "ok": True}
+        write(folder, f"kl_{seed}.json", kl)
+        for alpha, acc in ((0.1, 0.96), (0.5, 0.945), (0.9, 0.90)):
+            r = result("toy", "I+rA", "IA", "jacobian", seed, {"IA": 0.9, "I+rA": alpha}, alpha=alpha)
+            r["student"]["fit"] = {"config": "IA", "acc": acc, "agreement": acc, "fit": acc, "ok": True}
+            write(folder, f"jac_{alpha}_{seed}.json", r)
+    rows = choose_default.choose(R.load_results(str(folder)), "alpha", "kl", 0.01, "acc")
+    assert len(rows) == 1 and rows[0]["line"] == "jacobian" and rows[0]["chosen"] == 0.5
+    assert rows[0]["reference"] == pytest.approx(0.95) and rows[0]["means"][0.9] == pytest.approx(0.90)
+    assert choose_default.choose(R.load_results(str(folder)), "alpha", "kl", 0.0, "acc")[0]["chosen"] == 0.1
+
+
+@pytest.mark.slow
+def test_choose_default_command_line(tmp_path):
+    test_choose_default_takes_the_largest_weight_that_keeps_the_in_distribution_fit(tmp_path)
+    folder = tmp_path / "r"
+    r = run_script("choose_default.py", folder, "--setting", "alpha")
+    assert r.returncode == 0 and "=> alpha = 0.5" in r.stdout, r.stderr
+    r = run_script("choose_default.py", folder, "--setting", "lr")
+    assert r.returncode == 2 and "no run" in r.stderr and "Traceback" not in r.stderr

@@ -220,6 +220,28 @@ def test_info_nce_lower_for_aligned_features():
     assert heads.student.weight.grad.abs().sum() > 0 and heads.teacher.weight.grad.abs().sum() > 0
 
 
+def test_info_nce_same_class_negatives_by_hand():
+    torch.manual_seed(1)
+    heads = common.ContrastiveHeads(6, 5, dim=4)
+    fs, ft = torch.randn(4, 6), torch.randn(4, 5)
+    labels = torch.tensor([0, 1, 0, 1])
+    zs = F.normalize(heads.student(fs), dim=1)
+    zt = F.normalize(heads.teacher(ft), dim=1)
+    sim = (zs @ zt.t() / 0.1).detach()
+    by_hand = 0.0
+    for i in range(4):  # each direction: softmax of the positive against the same-label samples only
+        same = (labels == labels[i]).nonzero().flatten()
+        by_hand += 0.5 * (-(sim[i, i] - torch.logsumexp(sim[i, same], 0)) - (sim[i, i] - torch.logsumexp(sim[same, i], 0)))
+    got = common.info_nce(fs, ft, heads, 0.1, labels)
+    assert got.item() == pytest.approx(by_hand.item() / 4, rel=1e-5)
+    assert common.info_nce(fs, ft, heads, 0.1, torch.zeros(4)).item() == pytest.approx(
+        common.info_nce(fs, ft, heads, 0.1).item(), rel=1e-6)  # one class: every sample is a negative
+    alone = common.info_nce(fs, ft, heads, 0.1, torch.arange(4))  # no negatives at all: log 1
+    assert alone.item() == pytest.approx(0.0, abs=1e-6)
+    alone.backward()  # and no NaN from the masked entries
+    assert all(torch.isfinite(p.grad).all() for p in heads.parameters() if p.grad is not None)
+
+
 def test_pair_metrics_by_hand():
     y = torch.tensor([0, 1, 2, 1])
     teacher = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0], [5.0, 0, 0]])

@@ -1,0 +1,93 @@
+"""Choose a loss weight (or any swept setting) by a rule that never looks at the counterfactual sets.
+
+The rule: for each loss, the largest value of the swept setting whose student still fits held-out
+data of its own distillation configuration (the `fit` block of each result: accuracy on held-out
+samples of the student's configuration, e.g. `IA`) within `--tolerance` of plain KL's (mean over
+seeds). A larger weight on a Jacobian or contrastive term can only be bought while the student
+keeps doing its job in distribution; what that weight does off distribution is then measured, not
+chosen for.
+
+    python analysis/choose_default.py results/sweep_alpha_cm --setting alpha
+    python analysis/choose_default.py results/sweep_alpha_cm --setting alpha --tolerance 0.02 --measure agreement
+
+Runs are grouped by experiment, teacher and student configuration, and by loss plus any other
+setting that varies (e.g. no_t2); plain KL runs (at any value) are the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from common import UserError  # noqa: E402
+from harness import run_cli  # noqa: E402
+from analysis import results as R  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
+parser.add_argument("results", help="folder of result JSON files (searched recursively), e.g. a grid --sweep's")
+parser.add_argument("--setting", required=True, help="the swept setting, as the JSON's config spells it (e.g. alpha)")
+parser.add_argument("--baseline", default="kl", help="the loss whose fit is the reference (default kl)")
+parser.add_argument("--tolerance", type=float, default=0.01, help="how far below the reference the fit may fall "
+                                                                   "(default 0.01, one point)")
+parser.add_argument("--measure", choices=("acc", "agreement", "fit"), default="acc",
+                    help="acc: accuracy on the held-out distillation data (default); agreement: with the teacher "
+                         "there; fit: the higher of the two")
+
+
+def choose(runs: list[R.Run], setting: str, baseline: str, tolerance: float, measure: str) -> list[dict]:
+    """One row per (experiment, teacher, student, line): the reference's mean fit, each value's
+    mean fit over seeds, and the chosen value (None when even the smallest falls short)."""
+    rows = []
+    for key in sorted({(r.experiment, r.teacher, r.student) for r in runs}):
+        group = [r for r in runs if (r.experiment, r.teacher, r.student) == key]
+        reference = [r.fit[measure] for r in group if r.loss == baseline and measure in r.fit]
+        if not reference:
+            raise UserError(f"{'/'.join(key)}: no {baseline} run with a fit block to compare with; run the "
+                            f"{baseline} student on the same pair (the grid with --losses {baseline})")
+        ref = sum(reference) / len(reference)
+        others = sorted({k for r in group for k in r.settings if k != setting
+                         and len({json.dumps(q.settings.get(k)) for q in group if q.loss != baseline}) > 1})
+        lines: dict[str, dict] = {}
+        for r in group:
+            if r.loss == baseline or setting not in r.settings or measure not in r.fit:
+                continue
+            extra = ", ".join(f"{k}={r.settings.get(k)}" for k in others)
+            name = f"{r.loss} [{extra}]" if extra else r.loss
+            lines.setdefault(name, {}).setdefault(json.dumps(r.settings[setting]), []).append(r.fit[measure])
+        for name, by_value in sorted(lines.items()):
+            means = {json.loads(v): sum(f) / len(f) for v, f in by_value.items()}
+            ok = [v for v, m in means.items() if m >= ref - tolerance]
+            rows.append({"experiment": key[0], "teacher": key[1], "student": key[2], "line": name, "reference": ref,
+                         "n_reference": len(reference), "means": dict(sorted(means.items())),
+                         "chosen": max(ok) if ok else None})
+    return rows
+
+
+def main() -> None:
+    args = parser.parse_args()
+    if not 0 <= args.tolerance <= 1:
+        raise UserError(f"--tolerance must be in [0, 1], got {args.tolerance}")
+    runs = R.load_results(args.results)
+    if not any(args.setting in r.settings for r in runs):
+        raise UserError(f"no run in {args.results} records a setting '{args.setting}'; name a flag as the JSON's "
+                        f"config spells it, e.g. alpha")
+    rows = choose(runs, args.setting, args.baseline, args.tolerance, args.measure)
+    if not rows:
+        raise UserError(f"no run other than {args.baseline} in {args.results} has a fit block and '{args.setting}'")
+    print(f"rule: the largest {args.setting} whose held-out {args.measure} on the student's own configuration is "
+          f"within {args.tolerance:g} of {args.baseline}'s (means over seeds; counterfactual sets not read)")
+    for row in rows:
+        values = "  ".join(f"{v:g}: {m:.3f}" if isinstance(v, (int, float)) else f"{v}: {m:.3f}"
+                           for v, m in row["means"].items())
+        print(f"{row['experiment']} {row['teacher']} -> {row['student']}  {row['line']:<28} "
+              f"{args.baseline} {row['reference']:.3f} (n={row['n_reference']})  {values}  "
+              f"=> {args.setting} = {row['chosen'] if row['chosen'] is not None else 'none within the tolerance'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
