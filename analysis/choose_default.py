@@ -11,7 +11,8 @@ chosen for.
     python analysis/choose_default.py results/sweep_alpha_cm --setting alpha --tolerance 0.02 --measure agreement
 
 Runs are grouped by experiment, teacher and student configuration, and by loss plus any other
-setting that varies (e.g. no_t2); plain KL runs (at any value) are the reference.
+setting that varies (e.g. no_t2); plain KL runs (at any value) are the reference. Runs flagged
+for a poor fit count here (they are the ones the rule must see); runs with non-finite numbers do not.
 """
 from __future__ import annotations
 
@@ -50,13 +51,14 @@ def choose(runs: list[R.Run], setting: str, baseline: str, tolerance: float, mea
             raise UserError(f"{'/'.join(key)}: no {baseline} run with a fit block to compare with; run the "
                             f"{baseline} student on the same pair (the grid with --losses {baseline})")
         ref = sum(reference) / len(reference)
-        others = sorted({k for r in group for k in r.settings if k != setting
-                         and len({json.dumps(q.settings.get(k)) for q in group if q.loss != baseline}) > 1})
         lines: dict[str, dict] = {}
         for r in group:
             if r.loss == baseline or setting not in r.settings or measure not in r.fit:
                 continue
-            extra = ", ".join(f"{k}={r.settings.get(k)}" for k in others)
+            same = [q for q in group if q.loss == r.loss]
+            others = sorted(k for k in r.settings if k != setting
+                            and len({json.dumps(q.settings.get(k)) for q in same}) > 1)
+            extra = ", ".join(f"{k}={r.settings[k]}" for k in others if r.settings.get(k) is not None)
             name = f"{r.loss} [{extra}]" if extra else r.loss
             lines.setdefault(name, {}).setdefault(json.dumps(r.settings[setting]), []).append(r.fit[measure])
         for name, by_value in sorted(lines.items()):
@@ -72,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.tolerance <= 1:
         raise UserError(f"--tolerance must be in [0, 1], got {args.tolerance}")
-    runs = R.load_results(args.results)
+    runs = R.load_results(args.results, keep_flagged=True)  # a student flagged for its fit failed the rule
     if not any(args.setting in r.settings for r in runs):
         raise UserError(f"no run in {args.results} records a setting '{args.setting}'; name a flag as the JSON's "
                         f"config spells it, e.g. alpha")

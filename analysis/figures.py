@@ -13,8 +13,8 @@ For each experiment found in the folder:
                                    teacher, student, neither, other), one point per cell and loss
   <exp>_dose_<setting>_<T>_<S>.png with --dose SETTING (a swept flag, e.g. alpha): the dose-response,
                                    one panel per (metric, test set), x = the setting's value, one line
-                                   per loss with its 95 % CI band over seeds; a loss run at a single
-                                   value is a dashed reference line
+                                   per loss with its 95 % CI band over seeds; plain KL (no weight)
+                                   is a dashed reference line, a variant run at one value a point
 
     python analysis/figures.py results/grid --out figures
     python analysis/figures.py results/sweep_alpha --kinds dose --dose alpha --sets IA I+rA
@@ -347,15 +347,15 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
                         f"({values[0]}); sweep it with analysis/grid.py --sweep {key.replace('_', '-')}=V1,V2,...")
     order, xs, ticks, log = _dose_x(values)
     position = {json.dumps(v): x for v, x in zip(order, xs)}
-    others = {k for r in pair_runs for k in r.settings if k != key
-              and len({json.dumps(q.settings.get(k)) for q in pair_runs}) > 1}
-    def line_of(r):  # noqa: E306
-        extra = ", ".join(f"{k}={r.settings.get(k)}" for k in sorted(others))
+    def line_of(r):  # noqa: E306  the loss and its other settings that vary (absent from older files: left out)
+        same = [q for q in pair_runs if q.loss == r.loss]
+        others = sorted(k for k in r.settings if k != key and len({json.dumps(q.settings.get(k)) for q in same}) > 1)
+        extra = ", ".join(f"{k}={r.settings[k]}" for k in others if r.settings.get(k) is not None)
         return f"{r.loss} [{extra}]" if extra else r.loss
     lines = sorted({line_of(r) for r in pair_runs}, key=lambda m: (R.LOSSES.index(m.split(" ")[0])
                                                                if m.split(" ")[0] in R.LOSSES else 99, m))
-    fig, axes = plt.subplots(len(metrics), len(sets), figsize=(3.6 * len(sets), 2.9 * len(metrics)), dpi=100,
-                             squeeze=False)
+    fig, axes = plt.subplots(len(metrics), len(sets), figsize=(max(4.2 * len(sets), 8), 3.2 * len(metrics) + 1.2),
+                             dpi=100, squeeze=False)
     for row, metric in enumerate(metrics):
         for col, test_set in enumerate(sets):
             ax = axes[row][col]
@@ -366,11 +366,16 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
                     by_value.setdefault(json.dumps(r.settings.get(key)), []).append(r)
                 stats = {v: R.summarize(R.value(r, test_set, metric) for r in rs) for v, rs in by_value.items()}
                 c = colour(line, lines)
-                if len(stats) == 1:  # run at one value only (e.g. kl, which has no alpha): a reference
+                if len(stats) == 1 and line.split(" ")[0] in ("ce", "kl"):  # no weight to vary: a reference
                     st = next(iter(stats.values()))
-                    ax.axhline(st.mean, color=c, ls="--", lw=1.2, label=f"{line} (one value)")
+                    ax.axhline(st.mean, color=c, ls="--", lw=1.2, label=f"{line} (reference)")
                     continue
                 pts = sorted((position[v], st) for v, st in stats.items())
+                if len(pts) == 1:  # a variant run at one value: a point with its interval
+                    (x, st), = pts
+                    ax.errorbar([x], [st.mean], yerr=[[st.mean - st.lo], [st.hi - st.mean]] if st.n > 1 else None,
+                                fmt="s", color=c, ms=4, capsize=3, label=line)
+                    continue
                 x = [p for p, _ in pts]
                 ax.plot(x, [st.mean for _, st in pts], "o-", color=c, lw=1.5, ms=3, label=line)
                 ax.fill_between(x, [st.lo for _, st in pts], [st.hi for _, st in pts], color=c, alpha=0.15, lw=0)
@@ -378,19 +383,19 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
                 ax.set_xscale("log")
             ax.set_xticks(xs)
             ax.set_xticklabels(ticks, fontsize=7)
-            ax.set_title(f"{label(metric)} on {test_set}", fontsize=9)
+            ax.set_title(f"{label(metric)}\non {test_set}", fontsize=9)
             if row == len(metrics) - 1:
                 ax.set_xlabel(key)
             if is_fraction(metric):
                 ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
     handles = {l: h for ax in axes.flat for h, l in zip(*ax.get_legend_handles_labels())}
-    axes[0][-1].legend(handles.values(), handles.keys(), title="loss", fontsize=8, loc="upper left",
-                       bbox_to_anchor=(1.01, 1))
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", ncol=2, frameon=False)
     n = sorted({len(rs) for rs in R.group_cells(pair_runs).values()})
-    fig.suptitle(f"{exp}: teacher {teacher}, student {student}; dose-response in {key} "
-                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds)")
-    fig.tight_layout()
+    fig.suptitle(f"{exp}: teacher {teacher}, student {student}; dose-response in {key}\n"
+                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds; flagged runs left out)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.025 * math.ceil(len(handles) / 2), 1, 1))
     save(fig, os.path.join(out, f"{exp}_dose_{safe(key)}_{safe(teacher)}_{safe(student)}.png"), written)
 
 

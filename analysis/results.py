@@ -148,11 +148,12 @@ def _assign_methods(runs: list[Run]) -> None:
         r.method = f"{r.loss} [{extra}]" if extra else r.loss
 
 
-def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[Run]:
+def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                 keep_flagged: bool = False) -> list[Run]:
     """All result JSON files under `folder` (recursively). Files that are not results of ours, or
     are truncated, are skipped with one warning that counts them. Runs with a null or non-finite
     metric or a non-empty `flags` list are skipped whole, one warning line each plus a line that
-    counts them. No usable run is a UserError."""
+    counts them (`keep_flagged` keeps the flagged ones). No usable run is a UserError."""
     if not os.path.isdir(folder):
         raise UserError(f"results folder {folder} does not exist; pass the folder the experiments wrote to")
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
@@ -173,7 +174,7 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
             reason = str(e) if isinstance(e, BadResult) else "not valid JSON (truncated?)"
             skipped.append((path, reason))
             continue
-        if skip_reason(run):
+        if run.nonfinite or (run.flags and not keep_flagged):
             suspect.append(run)
             continue
         runs.append(run)

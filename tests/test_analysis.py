@@ -744,7 +744,7 @@ def test_dose_response_figure_has_a_line_per_loss_and_a_band(tmp_path, monkeypat
     assert [os.path.basename(p) for p in written] == ["toy_dose_alpha_I+rA_IA.png"]
     xs, ys = drawn["lines"]["jacobian"]
     assert xs == [0.1, 0.5, 0.9] and ys == pytest.approx([0.11, 0.51, 0.91])  # means over the three seeds
-    assert drawn["lines"]["kl (one value)"][1] == pytest.approx([0.11, 0.11])  # a horizontal reference
+    assert drawn["lines"]["kl (reference)"][1] == pytest.approx([0.11, 0.11])  # a horizontal reference
     assert drawn["bands"] == 1  # the jacobian line's 95 % CI band
 
 
