@@ -109,7 +109,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if not 16 <= args.image_size <= MAX_IMAGE_SIZE or min(args.n_train or 0, args.n_test or 0) < 0:
         raise common.UserError(f"--image-size must be between 16 and {MAX_IMAGE_SIZE}; --n-train and --n-test at "
                                f"least 0")
-    if args.pretrained and args.arch in ("cnn", "lenet"):
+    if args.pretrained and {args.arch, args.student_arch or args.arch} & {"cnn", "lenet"}:
         raise common.UserError("--pretrained needs an ImageNet architecture: add --arch resnet18 or --arch resnet50")
     for config in (args.teacher_config, args.student_config):
         common.parse_config(config, MECHANISMS)

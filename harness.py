@@ -322,6 +322,8 @@ def add_common_args(parser: argparse.ArgumentParser, teacher: TeacherConfig, stu
                         f"(default {student.contrastive_negatives})")
     g = parser.add_argument_group("training")
     g.add_argument("--arch", choices=archs, default=student.arch, help=arch_help)
+    g.add_argument("--student-arch", choices=archs, default=None,
+                   help="the student's architecture when it differs from the teacher's (default: --arch)")
     g.add_argument("--teacher-width", type=int, default=teacher.width, help=f"teacher width (default {teacher.width})")
     g.add_argument("--student-width", type=int, default=student.width, help=f"student width (default {student.width})")
     g.add_argument("--steps", type=int, default=student.steps, help=f"student training steps (default {student.steps})")
@@ -370,8 +372,9 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError("--eval-every must be at least 1")
     if args.top_k is not None and args.top_k < 1:
         raise UserError("--top-k must be at least 1")
-    if args.jacobian_method == "explicit" and args.arch not in ("cnn", "lenet"):  # before the teacher trains
-        raise UserError(f"--jacobian-method explicit needs --arch cnn or lenet, not {args.arch}; use loop or batched")
+    for arch in {args.arch, args.student_arch or args.arch}:
+        if args.jacobian_method == "explicit" and arch not in ("cnn", "lenet"):  # before the teacher trains
+            raise UserError(f"--jacobian-method explicit needs --arch cnn or lenet, not {arch}; use loop or batched")
 
 
 def settings_from_flags(args: argparse.Namespace, teacher: TeacherConfig,
@@ -382,7 +385,7 @@ def settings_from_flags(args: argparse.Namespace, teacher: TeacherConfig,
                                   batch_size=args.batch_size, lr=args.teacher_lr, optimizer=args.teacher_optimizer,
                                   seed=args.seed)
     student = dataclasses.replace(
-        student, loss=args.loss, arch=args.arch, width=args.student_width, steps=args.steps,
+        student, loss=args.loss, arch=args.student_arch or args.arch, width=args.student_width, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
         t2_scale=student.t2_scale and not args.no_t2, jacobian_method=args.jacobian_method,
         jacobian_estimator=args.jacobian_estimator, projections=args.projections, top_k=args.top_k,

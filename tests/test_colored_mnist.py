@@ -275,3 +275,13 @@ def test_explicit_jacobian_method_with_a_resnet_fails_before_training(tmp_path):
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json"))
     assert r.returncode == 2 and "explicit needs --arch cnn or lenet" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "r.json").exists()  # no teacher was trained
+
+
+def test_the_student_architecture_can_differ_from_the_teachers():
+    args = cm.parse_args(["--arch", "cnn", "--student-arch", "lenet"])
+    teacher_cfg, distill_cfg = cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)
+    assert (teacher_cfg.arch, distill_cfg.arch) == ("cnn", "lenet")
+    args = cm.parse_args([])
+    assert cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)[1].arch == "cnn"
+    with pytest.raises(common.UserError, match="explicit needs --arch cnn or lenet, not resnet18"):
+        cm.parse_args(["--student-arch", "resnet18", "--jacobian-method", "explicit"])
