@@ -51,16 +51,11 @@ def choose(runs: list[R.Run], setting: str, baseline: str, tolerance: float, mea
             raise UserError(f"{'/'.join(key)}: no {baseline} run with a fit block to compare with; run the "
                             f"{baseline} student on the same pair (the grid with --losses {baseline})")
         ref = sum(reference) / len(reference)
+        candidates = [r for r in group if r.loss != baseline and setting in r.settings and measure in r.fit]
         lines: dict[str, dict] = {}
-        for r in group:
-            if r.loss == baseline or setting not in r.settings or measure not in r.fit:
-                continue
-            same = [q for q in group if q.loss == r.loss]
-            others = sorted(k for k in r.settings if k != setting
-                            and len({json.dumps(q.settings.get(k)) for q in same}) > 1)
-            extra = ", ".join(f"{k}={r.settings[k]}" for k in others if r.settings.get(k) is not None)
-            name = f"{r.loss} [{extra}]" if extra else r.loss
-            lines.setdefault(name, {}).setdefault(json.dumps(r.settings[setting]), []).append(r.fit[measure])
+        for name, line_runs in R.line_names(candidates, setting).items():
+            for r in line_runs:
+                lines.setdefault(name, {}).setdefault(json.dumps(r.settings[setting]), []).append(r.fit[measure])
         for name, by_value in sorted(lines.items()):
             means = {json.loads(v): sum(f) / len(f) for v, f in by_value.items()}
             ok = [v for v, m in means.items() if m >= ref - tolerance]

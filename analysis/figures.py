@@ -347,22 +347,16 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
                         f"({values[0]}); sweep it with analysis/grid.py --sweep {key.replace('_', '-')}=V1,V2,...")
     order, xs, ticks, log = _dose_x(values)
     position = {json.dumps(v): x for v, x in zip(order, xs)}
-    def line_of(r):  # noqa: E306  the loss and its other settings that vary (absent from older files: left out)
-        same = [q for q in pair_runs if q.loss == r.loss]
-        others = sorted(k for k in r.settings if k != key and len({json.dumps(q.settings.get(k)) for q in same}) > 1)
-        extra = ", ".join(f"{k}={r.settings[k]}" for k in others if r.settings.get(k) is not None)
-        return f"{r.loss} [{extra}]" if extra else r.loss
-    lines = sorted({line_of(r) for r in pair_runs}, key=lambda m: (R.LOSSES.index(m.split(" ")[0])
-                                                               if m.split(" ")[0] in R.LOSSES else 99, m))
+    by_line = R.line_names(pair_runs, key)
+    lines = sorted(by_line, key=lambda m: (R.LOSSES.index(m.split(" ")[0]) if m.split(" ")[0] in R.LOSSES else 99, m))
     fig, axes = plt.subplots(len(metrics), len(sets), figsize=(max(4.2 * len(sets), 8), 3.2 * len(metrics) + 1.2),
                              dpi=100, squeeze=False)
     for row, metric in enumerate(metrics):
         for col, test_set in enumerate(sets):
             ax = axes[row][col]
             for line in lines:
-                line_runs = [r for r in pair_runs if line_of(r) == line]
                 by_value: dict[str, list[R.Run]] = {}
-                for r in line_runs:
+                for r in by_line[line]:
                     by_value.setdefault(json.dumps(r.settings.get(key)), []).append(r)
                 stats = {v: R.summarize(R.value(r, test_set, metric) for r in rs) for v, rs in by_value.items()}
                 c = colour(line, lines)

@@ -148,6 +148,21 @@ def _assign_methods(runs: list[Run]) -> None:
         r.method = f"{r.loss} [{extra}]" if extra else r.loss
 
 
+def line_names(runs: list[Run], swept: str) -> dict[str, list[Run]]:
+    """The runs of a sweep in `swept` grouped into lines: the loss plus the other settings that
+    vary among that loss's runs (a setting an older file does not record is left out of the name)."""
+    varying: dict[str, list[str]] = {}
+    for loss in {r.loss for r in runs}:
+        same = [r for r in runs if r.loss == loss]
+        keys = sorted({k for r in same for k in r.settings if k != swept})
+        varying[loss] = [k for k in keys if len({json.dumps(r.settings.get(k)) for r in same}) > 1]
+    lines: dict[str, list[Run]] = {}
+    for r in runs:
+        extra = ", ".join(f"{k}={r.settings[k]}" for k in varying[r.loss] if r.settings.get(k) is not None)
+        lines.setdefault(f"{r.loss} [{extra}]" if extra else r.loss, []).append(r)
+    return lines
+
+
 def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
                  keep_flagged: bool = False) -> list[Run]:
     """All result JSON files under `folder` (recursively). Files that are not results of ours, or
