@@ -49,7 +49,9 @@ class TeacherConfig:
 class DistillConfig:
     """How a student is distilled. `loss`: ce (labels only), kl (Hinton's KL to the teacher's
     softened outputs, times T^2 when `t2_scale`), jacobian ((1 - alpha) KL + alpha Jacobian
-    distance), contrastive ((1 - alpha) KL + alpha InfoNCE). Adam (no weight decay) with cosine
+    distance), contrastive ((1 - alpha) KL + alpha InfoNCE). Inside a mixture the KL term carries
+    no T^2 unless `mixture_t2`: with T = 4 that factor would weigh KL 16 times more than `alpha`
+    says, and the other term would never steer the student. Adam (no weight decay) with cosine
     decay from `lr` to `lr * min_lr_frac`: the losses differ in scale by orders of magnitude, and
     Adam's step size does not. The student is built from `arch`, `width` and `seed + 1`; its
     batches and random projections come from `seed`."""
@@ -60,9 +62,10 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_frac: float = 0.01
-    alpha: float = 0.5
+    alpha: float = 0.5                 # weight of the jacobian or contrastive term (unused by ce and kl)
     temperature: float = 4.0
-    t2_scale: bool = True
+    t2_scale: bool = True              # plain KL times T^2 (Hinton)
+    mixture_t2: bool = False           # a mixture's KL term times T^2 as well (this project's default before)
     jacobian_method: str = "auto"      # auto: the fastest measured for the device and model
     jacobian_estimator: str = "exact"  # exact: all classes, or the teacher's top_k; projection: random directions
     projections: int = 1
@@ -585,7 +588,8 @@ def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict
     are computed per batch, without a graph.
     """
     def kl(s_logits, idx):
-        return kd_kl(s_logits, targets["logits"][idx], cfg.temperature, cfg.t2_scale)
+        t2 = cfg.t2_scale if cfg.loss == "kl" else cfg.mixture_t2
+        return kd_kl(s_logits, targets["logits"][idx], cfg.temperature, t2)
 
     def objective(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict:
         if cfg.loss == "ce":

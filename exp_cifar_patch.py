@@ -70,7 +70,10 @@ MANDELBROT_NOTE = ("--patch-pattern mandelbrot: the pattern encodes the class as
 TEACHER = common.TeacherConfig(arch="cnn", width=16, steps=1500, batch_size=64, lr=0.03, optimizer="sgd",
                                momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
 DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=8, steps=1000, batch_size=64, lr=0.01, min_lr_frac=0.01,
-                               alpha=0.5, temperature=4.0, t2_scale=True, contrastive_temperature=0.1)
+                               temperature=4.0, t2_scale=True, mixture_t2=False, contrastive_temperature=0.1)
+# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the largest
+# that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
+ALPHA = {"jacobian": 0.5, "contrastive": 0.5}
 
 # ----------------------------------------------------------------------------- flags
 
@@ -94,12 +97,12 @@ g.add_argument("--domino-data", choices=("digits", "fashionmnist", "mnist"), def
                help="items of the top half: scikit-learn's digits, offline (default), or torchvision's FashionMNIST / MNIST")
 g.add_argument("--n-train", type=int, default=4000, help="training images (0 = all; default 4000)")
 g.add_argument("--n-test", type=int, default=1000, help="held-out images per test set (0 = all; default 1000)")
-harness.add_common_args(parser, TEACHER, DISTILL)
+harness.add_common_args(parser, TEACHER, DISTILL, ALPHA)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The flags, with --smoke's sizes applied; every value checked (UserError names the fix)."""
-    args = harness.parse_common(parser, argv)
+    args = harness.parse_common(parser, argv, ALPHA)
     if args.smoke:
         args.n_train, args.n_test = min(args.n_train or 300, 300), min(args.n_test or 100, 100)
         args.batch_size = min(args.batch_size, 32)  # keeps a Jacobian smoke run short on a CPU

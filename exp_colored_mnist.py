@@ -45,7 +45,10 @@ NUM_CLASSES = 10
 TEACHER = common.TeacherConfig(arch="cnn", width=32, steps=1500, batch_size=64, lr=0.05, optimizer="sgd",
                                momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
 DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=16, steps=600, batch_size=64, lr=1e-3, min_lr_frac=0.01,
-                               alpha=0.5, temperature=4.0, t2_scale=True, contrastive_temperature=0.1)
+                               temperature=4.0, t2_scale=True, mixture_t2=False, contrastive_temperature=0.1)
+# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the largest
+# that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
+ALPHA = {"jacobian": 0.7, "contrastive": 0.3}
 
 # ----------------------------------------------------------------------------- flags
 
@@ -61,12 +64,12 @@ g.add_argument("--download", action="store_true", help="download MNIST into --da
 g.add_argument("--n-train", type=int, default=0, help="use at most this many training digits (0 = all)")
 g.add_argument("--train-renders", type=int, default=2, help="coloured copies of each training digit (default 2)")
 g.add_argument("--test-renders", type=int, default=3, help="coloured copies of each test digit (default 3)")
-harness.add_common_args(parser, TEACHER, DISTILL)
+harness.add_common_args(parser, TEACHER, DISTILL, ALPHA)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The flags, with --smoke's sizes applied; every value checked (UserError names the fix)."""
-    args = harness.parse_common(parser, argv)
+    args = harness.parse_common(parser, argv, ALPHA)
     if args.smoke:
         args.n_train, args.train_renders, args.test_renders = args.n_train or 300, 1, 1
     harness.check_fraction(args.spurious_frac, "--spurious-frac")

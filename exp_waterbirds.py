@@ -73,7 +73,10 @@ METADATA_COLUMNS = ("img_filename", "y", "split", "place")
 TEACHER = common.TeacherConfig(arch="cnn", width=32, steps=1000, batch_size=64, lr=0.02, optimizer="sgd",
                                momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
 DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=8, steps=400, batch_size=64, lr=0.003, min_lr_frac=0.01,
-                               alpha=0.5, temperature=4.0, t2_scale=True, contrastive_temperature=0.1)
+                               temperature=4.0, t2_scale=True, mixture_t2=False, contrastive_temperature=0.1)
+# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the largest
+# that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
+ALPHA = {"jacobian": 0.5, "contrastive": 0.5}
 
 # ----------------------------------------------------------------------------- flags
 
@@ -94,7 +97,7 @@ g.add_argument("--n-test", type=int, default=None,
 g.add_argument("--image-size", type=int, default=32, help="images are SIZE x SIZE pixels (default 32)")
 g.add_argument("--pretrained", action="store_true",
                help="start teacher and student from torchvision's ImageNet weights (with --arch resnet18 or resnet50)")
-harness.add_common_args(parser, TEACHER, DISTILL, archs=("cnn", "lenet", "resnet18", "resnet50"),
+harness.add_common_args(parser, TEACHER, DISTILL, ALPHA, archs=("cnn", "lenet", "resnet18", "resnet50"),
                         arch_help="cnn: common's small CNN (CPU-friendly, default); lenet: common's LeNet-style net "
                                   "(no global pooling); resnet18 / resnet50: torchvision's ImageNet ResNets, as used on "
                                   "the real data (--teacher-width and --student-width do not apply)")
@@ -103,7 +106,7 @@ harness.add_common_args(parser, TEACHER, DISTILL, archs=("cnn", "lenet", "resnet
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The flags, with --smoke's sizes and the generated data's --spurious-frac default (0.95)
     applied; every value checked (UserError names the fix)."""
-    args = harness.parse_common(parser, argv)
+    args = harness.parse_common(parser, argv, ALPHA)
     if args.smoke:
         args.n_train, args.n_test = args.n_train or 256, args.n_test or 64
     if not 16 <= args.image_size <= MAX_IMAGE_SIZE or min(args.n_train or 0, args.n_test or 0) < 0:

@@ -272,10 +272,14 @@ def experiment_parser(doc: str, epilog: str, teacher_config: str, student_config
     return parser, data
 
 
-def parse_common(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Namespace:
-    """Parse the flags and check the shared ones. --smoke caps the training lengths (20 student
-    and 40 teacher steps, curves every 10); each script then shrinks its data."""
+def parse_common(parser: argparse.ArgumentParser, argv: Optional[list[str]],
+                 alphas: dict[str, float]) -> argparse.Namespace:
+    """Parse the flags and check the shared ones. Without --alpha a mixture loss takes its weight
+    from `alphas` (the script's ALPHA; ce and kl have none). --smoke caps the training lengths (20
+    student and 40 teacher steps, curves every 10); each script then shrinks its data."""
     args = parser.parse_args(argv)
+    if args.alpha is None:
+        args.alpha = alphas.get(args.loss)
     if args.smoke:
         args.steps, args.teacher_steps = min(args.steps, 20), min(args.teacher_steps, 40)
         args.eval_every = 10 if args.eval_every is None else args.eval_every
@@ -294,20 +298,25 @@ def prepare_run(args: argparse.Namespace, experiment: str) -> tuple[torch.device
 
 
 def add_common_args(parser: argparse.ArgumentParser, teacher: TeacherConfig, student: DistillConfig,
-                    archs: tuple[str, ...] = ARCHS,
+                    alphas: dict[str, float], archs: tuple[str, ...] = ARCHS,
                     arch_help: str = "cnn: small CNN with global pooling (CPU-friendly, default); lenet: "
                                      "LeNet-style, a fully connected head and no global pooling; resnet18 (GPU)") -> None:
-    """The flags every experiment shares, with the defaults of the script's settings block:
-    the distillation, training lengths, device, output. Each script adds its own data flags."""
+    """The flags every experiment shares, with the defaults of the script's settings block
+    (`alphas`: the default --alpha of each mixture loss): the distillation, training lengths,
+    device, output. Each script adds its own data flags."""
     g = parser.add_argument_group("distillation")
     g.add_argument("--loss", choices=LOSSES, default=student.loss,
                    help="ce: labels only (no teacher); kl: KL to the teacher's softened outputs; "
                         "jacobian: (1-alpha) KL + alpha Jacobian matching; contrastive: (1-alpha) KL + alpha InfoNCE")
-    g.add_argument("--alpha", type=float, default=student.alpha,
-                   help=f"weight of the Jacobian or contrastive term (default {student.alpha})")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="weight of the Jacobian or contrastive term (default: "
+                        + ", ".join(f"{loss} {a:g}" for loss, a in alphas.items()) + ")")
     g.add_argument("--temperature", type=float, default=student.temperature,
                    help=f"KL distillation temperature T (default {student.temperature:g})")
-    g.add_argument("--no-t2", action="store_true", help="do not multiply the KL term by T^2")
+    g.add_argument("--no-t2", action="store_true", help="plain KL without Hinton's factor T^2")
+    g.add_argument("--mixture-t2", action="store_true",
+                   help="multiply the KL term of a jacobian or contrastive mixture by T^2 too (off by default: it "
+                        "would weigh KL T^2 times more than --alpha says)")
     g.add_argument("--jacobian-method", choices=JACOBIAN_METHODS, default=student.jacobian_method,
                    help="how exact Jacobians are computed; auto = the fastest measured for the device")
     g.add_argument("--jacobian-estimator", choices=("exact", "projection"), default=student.jacobian_estimator,
@@ -355,7 +364,8 @@ def add_common_args(parser: argparse.ArgumentParser, teacher: TeacherConfig, stu
 
 def check_common_args(args: argparse.Namespace) -> None:
     """Validate the shared flags; raise UserError with the fix. Changes nothing."""
-    check_fraction(args.alpha, "--alpha")
+    if args.alpha is not None:
+        check_fraction(args.alpha, "--alpha")
     check_fraction(args.student_min_fit, "--student-min-fit")
     if args.teacher_min_acc is not None:
         check_fraction(args.teacher_min_acc, "--teacher-min-acc")
@@ -386,8 +396,9 @@ def settings_from_flags(args: argparse.Namespace, teacher: TeacherConfig,
                                   seed=args.seed)
     student = dataclasses.replace(
         student, loss=args.loss, arch=args.student_arch or args.arch, width=args.student_width, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, temperature=args.temperature,
-        t2_scale=student.t2_scale and not args.no_t2, jacobian_method=args.jacobian_method,
+        batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+        alpha=student.alpha if args.alpha is None else args.alpha,
+        t2_scale=student.t2_scale and not args.no_t2, mixture_t2=student.mixture_t2 or args.mixture_t2, jacobian_method=args.jacobian_method,
         jacobian_estimator=args.jacobian_estimator, projections=args.projections, top_k=args.top_k,
         contrastive_temperature=args.contrastive_temperature, contrastive_negatives=args.contrastive_negatives,
         eval_every=args.eval_every or max(args.steps // 10, 1), seed=args.seed)

@@ -222,7 +222,7 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
     return unique
 
 
-LOSS_SPECIFIC = {"alpha", "temperature", "no_t2", "jacobian_estimator", "projections", "top_k", "contrastive_temperature",
+LOSS_SPECIFIC = {"alpha", "temperature", "no_t2", "mixture_t2", "jacobian_estimator", "projections", "top_k", "contrastive_temperature",
                  "contrastive_negatives"}
 
 

@@ -285,3 +285,17 @@ def test_the_student_architecture_can_differ_from_the_teachers():
     assert cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)[1].arch == "cnn"
     with pytest.raises(common.UserError, match="explicit needs --arch cnn or lenet, not resnet18"):
         cm.parse_args(["--student-arch", "resnet18", "--jacobian-method", "explicit"])
+
+
+def test_each_mixture_loss_takes_its_own_default_weight_and_t2_stays_with_plain_kl():
+    for loss in ("jacobian", "contrastive"):
+        args = cm.parse_args(["--loss", loss])
+        distill_cfg = cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)[1]
+        assert args.alpha == distill_cfg.alpha == cm.ALPHA[loss]  # the JSON's config records the weight used
+        assert distill_cfg.t2_scale and not distill_cfg.mixture_t2
+    assert cm.parse_args(["--loss", "kl"]).alpha is None  # plain KL has no second term
+    args = cm.parse_args(["--loss", "contrastive", "--alpha", "0.2", "--mixture-t2", "--no-t2"])
+    distill_cfg = cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)[1]
+    assert (distill_cfg.alpha, distill_cfg.mixture_t2, distill_cfg.t2_scale) == (0.2, True, False)
+    with pytest.raises(common.UserError, match="--alpha"):
+        cm.parse_args(["--loss", "jacobian", "--alpha", "1.5"])

@@ -60,10 +60,12 @@ def models():
             (TanhMLP(), common.freeze(TanhMLP()))]
 
 
-def naive_kl(student_logits, teacher_logits, T):
-    """Hinton's term by hand: T^2 * mean over samples of sum_c p_t (log p_t - log p_s) at temperature T."""
+def naive_kl(student_logits, teacher_logits, T, t2=True):
+    """Hinton's term by hand: mean over samples of sum_c p_t (log p_t - log p_s) at temperature T,
+    times T^2 when t2."""
     p_t = torch.softmax(teacher_logits / T, 1)
-    return T * T * (p_t * (torch.log(p_t) - torch.log_softmax(student_logits / T, 1))).sum(1).mean()
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(student_logits / T, 1))).sum(1).mean()
+    return T * T * kl if t2 else kl
 
 
 def training_objective(student, teacher, train_x, idx, cfg, max_bytes=2e9, generator=None):
@@ -101,8 +103,27 @@ def test_training_objective_matches_naive_per_class_reference(method, pair):
     got, targets = training_objective(student, teacher, train_x, IDX, cfg)
     assert "jacobian" in targets  # precomputed once, as in training
     x = train_x[IDX]
-    expected = 0.7 * naive_kl(student(x), teacher(x), 2.0) + 0.3 * naive_loss(student, teacher, x)
+    expected = 0.7 * naive_kl(student(x), teacher(x), 2.0, t2=False) + 0.3 * naive_loss(student, teacher, x)
     assert_same_loss_and_student_grads(got, expected, student)
+
+
+@pytest.mark.parametrize("loss", ["kl", "jacobian", "contrastive"])
+@pytest.mark.parametrize("t2_scale,mixture_t2", [(True, False), (False, True)])
+def test_t2_scales_plain_kl_and_a_mixture_only_when_asked(loss, t2_scale, mixture_t2):
+    """Hinton's T^2 belongs to plain KL (t2_scale); inside a mixture it would outweigh alpha, so
+    the mixture's KL term carries it only with mixture_t2."""
+    student, teacher = models()[0]
+    train_x = inputs(0)
+    cfg = common.DistillConfig(loss=loss, alpha=0.3, temperature=3.0, t2_scale=t2_scale, mixture_t2=mixture_t2)
+    targets = common.teacher_targets(teacher, train_x, need_jacobian=loss == "jacobian", top_k=None, method="loop")
+    heads = common.ContrastiveHeads(student.features(train_x[:1]).shape[1], targets["features"].shape[1], 8) \
+        if loss == "contrastive" else None
+    terms = common.distillation_objective(student, teacher, targets, cfg, heads)(train_x[IDX], torch.zeros(4).long(), IDX)
+    x = train_x[IDX]
+    weight, value = terms["kl"]
+    assert weight == pytest.approx(1.0 if loss == "kl" else 0.7)
+    t2 = t2_scale if loss == "kl" else mixture_t2
+    assert value.item() == pytest.approx(naive_kl(student(x), teacher(x), 3.0, t2=t2).item(), rel=1e-5)
 
 
 def test_teacher_jacobians_too_large_to_precompute_are_computed_per_batch():
