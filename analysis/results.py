@@ -54,6 +54,7 @@ class Run:
     nonfinite: list = field(default_factory=list)  # metric keys whose value is null, NaN or infinite
     flags: list = field(default_factory=list)  # the script's reasons to distrust the run
     fit: dict = field(default_factory=dict)  # the student on held-out data of its own configuration: acc, agreement
+    grad_norms: list = field(default_factory=list)  # [(step, {loss term: norm of its weighted gradient})]
 
 
 class BadResult(ValueError):
@@ -108,17 +109,22 @@ def parse_result(data, path: str = "") -> Run:
     t_eval = _eval_block(teacher.get("eval"), "teacher.eval", bad)
     if not any(s_eval.values()) and not bad:
         raise BadResult("student.eval holds no numbers")
-    curves = []
+    curves, grad_norms = [], []
     for point in student.get("curves") or []:
         if isinstance(point, dict) and isinstance(point.get("step"), int) and isinstance(point.get("eval"), dict):
             where = f"student.curves[step {point['step']}]."
             curves.append((point["step"], {n: _flatten(m, bad=bad, where=f"{where}{n}.")
                                            for n, m in point["eval"].items() if isinstance(m, dict)}))
+            terms = point.get("terms") if isinstance(point.get("terms"), dict) else {}
+            norms = {name: t["grad_norm"] for name, t in terms.items()
+                     if isinstance(t, dict) and isinstance(t.get("grad_norm"), (int, float))}
+            if norms:
+                grad_norms.append((point["step"], norms))
     settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
     fit = _flatten(student["fit"]) if isinstance(student.get("fit"), dict) else {}
     return Run(path, data["experiment"], str(config["teacher_config"]), str(config["student_config"]),
                str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves, nonfinite=bad, flags=flags,
-               fit=fit)
+               fit=fit, grad_norms=grad_norms)
 
 
 def skip_reason(run: Run) -> str:

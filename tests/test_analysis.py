@@ -786,3 +786,40 @@ def test_choose_default_command_line(tmp_path):
     assert r.returncode == 0 and "=> alpha = 0.5" in r.stdout, r.stderr
     r = run_script("choose_default.py", folder, "--setting", "lr")
     assert r.returncode == 2 and "no run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_table_rows_count_flagged_runs_and_give_the_gradient_ratio(tmp_path):
+    """One row per (line, value) plus the plain-KL reference; flagged runs are counted, not hidden;
+    the ratio is KL's weighted-gradient norm over the other term's."""
+    from analysis import sweep_table
+    folder = tmp_path / "r"
+    for seed in (0, 1, 2):
+        kl = result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1}, alpha=None)
+        kl["student"]["fit"] = {"acc": 0.95}
+        write(folder, f"kl_{seed}.json", kl)
+        for alpha in (0.1, 0.9):
+            r = result("toy", "I+rA", "IA", "jacobian", seed, {"IA": 0.9, "I+rA": alpha + 0.1 * seed}, alpha=alpha)
+            r["student"]["fit"] = {"acc": 0.8 if (alpha, seed) == (0.9, 2) else 0.95}
+            r["flags"] = ["student fit"] if (alpha, seed) == (0.9, 2) else []
+            for i, point in enumerate(r["student"]["curves"]):
+                point["terms"] = {"kl": {"weight": 1 - alpha, "value": 1.0, "grad_norm": 8.0 / (i + 1)},
+                                  "jacobian": {"weight": alpha, "value": 1.0, "grad_norm": 2.0}}
+            write(folder, f"jac_{alpha}_{seed}.json", r)
+    rows = sweep_table.tables(R.load_results(str(folder), keep_flagged=True), "alpha", [("agreement", "I+rA")])
+    rows = rows[("toy", "I+rA", "IA")]
+    assert [r[:3] for r in rows] == [["kl", "", "3"], ["jacobian", "0.1", "3"], ["jacobian", "0.9", "3"]]
+    assert rows[0][3] == "0.100 ± 0.000" and rows[0][5:] == ["", ""]
+    assert rows[2][3].startswith("1.000 ± 0.248")  # 0.9, 1.0, 1.1: half-width t(0.975, 2) * 0.1 / sqrt(3)
+    assert rows[2][4] == "0.900 (1 flagged)"
+    assert rows[1][5:] == ["4", "3"]  # first evaluation point 8/2; median of 4 and 2 over the seeds
+
+
+@pytest.mark.slow
+def test_sweep_table_command_line(tmp_path):
+    test_sweep_table_rows_count_flagged_runs_and_give_the_gradient_ratio(tmp_path)
+    r = run_script("sweep_table.py", tmp_path / "r", "--setting", "alpha", "--columns", "agreement:I+rA", "kl:IA")
+    assert r.returncode == 0 and "| jacobian | 0.9 | 3 | 1.000 ± 0.248 | 0.100 ± 0.000 | 0.900 (1 flagged) |" in r.stdout
+    for bad, why in ((["--columns", "agreement"], "is not METRIC:SET"), (["--columns", "agreement:B"], "no run"),
+                     (["--setting", "lr", "--columns", "agreement:IA"], "no run")):
+        r = run_script("sweep_table.py", tmp_path / "r", *(["--setting", "alpha"] if "--setting" not in bad else []), *bad)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
