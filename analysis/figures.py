@@ -336,12 +336,18 @@ def _dose_x(values: list) -> tuple[list, list[float], list[str], bool]:
     return order, list(range(len(order))), [str(v) for v in order], False
 
 
+def swept_values(runs: list[R.Run], key: str) -> list:
+    """The values setting `key` takes in `runs`; runs without it (plain KL has no weight) are
+    references, not a point on the x axis."""
+    return [json.loads(v) for v in sorted({json.dumps(r.settings.get(key)) for r in runs}) if v != "null"]
+
+
 def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metrics: list[str], sets: list[str],
          out: str, written: list[str]) -> None:
     """One panel per (metric, test set): x = the value of setting `key`, one line per loss (and
     per other varying setting) with the 95 % Student-t band over seeds."""
     pair_runs = R.select(runs, teacher=teacher, student=student)
-    values = [json.loads(v) for v in sorted({json.dumps(r.settings.get(key)) for r in pair_runs})]
+    values = swept_values(pair_runs, key)
     if len(values) < 2:
         raise UserError(f"{exp}, teacher {teacher}, student {student}: setting '{key}' takes one value only "
                         f"({values[0]}); sweep it with analysis/grid.py --sweep {key.replace('_', '-')}=V1,V2,...")
@@ -360,11 +366,11 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
                     by_value.setdefault(json.dumps(r.settings.get(key)), []).append(r)
                 stats = {v: R.summarize(R.value(r, test_set, metric) for r in rs) for v, rs in by_value.items()}
                 c = colour(line, lines)
-                if len(stats) == 1 and line.split(" ")[0] in ("ce", "kl"):  # no weight to vary: a reference
-                    st = next(iter(stats.values()))
+                if set(stats) == {"null"} or (len(stats) == 1 and line.split(" ")[0] in ("ce", "kl")):
+                    st = next(iter(stats.values()))  # no such setting (plain KL's weight): a reference
                     ax.axhline(st.mean, color=c, ls="--", lw=1.2, label=f"{line} (reference)")
                     continue
-                pts = sorted((position[v], st) for v, st in stats.items())
+                pts = sorted((position[v], st) for v, st in stats.items() if v in position)
                 if len(pts) == 1:  # a variant run at one value: a point with its interval
                     (x, st), = pts
                     ax.errorbar([x], [st.mean], yerr=[[st.mean - st.lo], [st.hi - st.mean]] if st.n > 1 else None,

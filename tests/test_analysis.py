@@ -716,9 +716,10 @@ def test_grid_rejects_bad_sweeps(grid_cli, tmp_path, bad, message):
 
 
 def sweep_results(folder, seeds=(0, 1, 2)):
-    """kl at one alpha (it has none to sweep) and jacobian at three, agreement rising with alpha."""
+    """kl without an alpha (it has none to sweep) and jacobian at three, agreement rising with alpha."""
     for seed in seeds:
-        write(folder, f"kl_{seed}.json", result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1 + 0.01 * seed}))
+        write(folder, f"kl_{seed}.json", result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1 + 0.01 * seed},
+                                                alpha=None))
         for alpha in (0.1, 0.5, 0.9):
             write(folder, f"jac_{alpha}_{seed}.json", result("toy", "I+rA", "IA", "jacobian", seed,
                                                               {"IA": 0.9, "I+rA": alpha + 0.01 * seed}, alpha=alpha))
@@ -735,6 +736,7 @@ def test_dose_response_figure_has_a_line_per_loss_and_a_band(tmp_path, monkeypat
         lines = {l.get_label(): l for ax in fig.axes[:1] for l in ax.get_lines()}
         drawn["lines"] = {k: (list(v.get_xdata()), list(v.get_ydata())) for k, v in lines.items()}
         drawn["bands"] = len(fig.axes[0].collections)
+        drawn["ticks"] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
         real_save(fig, path, written)
     monkeypatch.setattr(figures, "save", keep)
     written = []
@@ -746,6 +748,7 @@ def test_dose_response_figure_has_a_line_per_loss_and_a_band(tmp_path, monkeypat
     assert xs == [0.1, 0.5, 0.9] and ys == pytest.approx([0.11, 0.51, 0.91])  # means over the three seeds
     assert drawn["lines"]["kl (reference)"][1] == pytest.approx([0.11, 0.11])  # a horizontal reference
     assert drawn["bands"] == 1  # the jacobian line's 95 % CI band
+    assert drawn["ticks"] == ["0.1", "0.5", "0.9"]  # plain KL's missing alpha is not a point on the axis
 
 
 def test_dose_response_needs_a_swept_setting(tmp_path):
