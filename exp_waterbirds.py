@@ -76,7 +76,7 @@ DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=8, steps=400, batch_
                                temperature=4.0, t2_scale=True, mixture_t2=False, contrastive_temperature=0.1)
 # The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the largest
 # that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
-ALPHA = {"jacobian": 0.5, "contrastive": 0.5}
+ALPHA = {"jacobian": 0.9, "contrastive": 0.3}
 
 # ----------------------------------------------------------------------------- flags
 
