@@ -28,6 +28,8 @@ if ROOT not in sys.path:
 from common import LOSSES, UserError, parse_config  # noqa: E402
 
 CATEGORIES = ("similarity", "teacher", "student", "neither", "other")
+# The finer split: `other` cut into the four ways it arises (see category8).
+CATEGORIES8 = ("similarity", "teacher", "teacher+shared", "student", "student+shared", "overlap", "unseen", "neither")
 # Flags that say where or how a run was executed, not what was trained: runs that differ only in
 # these (and the seed) are repeats of the same cell.
 BOOKKEEPING = {"seed", "out", "cache_dir", "retrain_teacher", "download", "data_root", "device", "smoke",
@@ -374,6 +376,26 @@ def category(teacher: str, student: str, test_set: str, letters: str) -> Optiona
     return "other"
 
 
+def category8(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
+    """The finer, 8-way category: `category`'s similarity, teacher, student and neither, with
+    `other` cut by where K's mechanisms lie (S and T sharing at least one):
+
+      teacher+shared  K is inside T and holds a mechanism only T has and one both have
+      student+shared  K is inside S and holds a mechanism only S has and one both have
+      overlap         K holds a mechanism only T has and one only S has
+      unseen          K holds a mechanism that neither S nor T has
+    """
+    coarse = category(teacher, student, test_set, letters)
+    if coarse != "other":
+        return coarse
+    t, s, k = (label_mechanisms(n, letters) for n in (teacher, student, test_set))
+    if not k <= s | t:
+        return "unseen"
+    if k & (t - s) and k & (s - t):
+        return "overlap"
+    return "teacher+shared" if k & (t - s) else "student+shared"
+
+
 # ----------------------------------------------------------------------------- statistics
 
 @dataclass
@@ -458,24 +480,35 @@ def aggregate(runs: list[Run], metric: str) -> list[dict]:
                         st = cell_stat(cell, test, metric)
                         if st.n == 0:
                             continue
+                        per_seed = {r.seed: value(r, test, metric) for r in cell}
                         rows.append({"experiment": exp, "method": method, "teacher": teacher, "student": student,
                                      "test_set": test, "category": category(teacher, student, test, letters),
+                                     "category8": category8(teacher, student, test, letters),
                                      "metric": metric, "mean": st.mean, "std": st.std, "ci_lo": st.lo,
-                                     "ci_hi": st.hi, "n": st.n, "seeds": sorted(r.seed for r in cell)})
+                                     "ci_hi": st.hi, "n": st.n, "seeds": sorted(r.seed for r in cell),
+                                     "per_seed": {k: v for k, v in per_seed.items() if v is not None}})
     return rows
 
 
-def category_summary(rows: list[dict]) -> list[dict]:
-    """Mean over the (teacher, student, test set) cells of each category, per experiment and method,
-    with the spread across cells (each cell's value is already its mean over seeds)."""
+def category_summary(rows: list[dict], key: str = "category") -> list[dict]:
+    """Per experiment, method and category (`key`: "category" for the 5-way split, "category8" for
+    the 8-way one): the mean over the category's (teacher, student, test set) cells of each cell's
+    mean over seeds, and its spread over seeds: each seed's mean over the cells, then the sample
+    std and 95 % Student-t interval of those (the cells of one seed share its teachers and data,
+    so they are not independent samples; the seeds are)."""
     out = []
     for exp in sorted({r["experiment"] for r in rows}):
         exp_rows = [r for r in rows if r["experiment"] == exp]
         for method in dict.fromkeys(r["method"] for r in exp_rows):
-            for cat in CATEGORIES:
-                vals = [r["mean"] for r in exp_rows if r["method"] == method and r["category"] == cat]
-                if vals:
-                    st = summarize(vals)
-                    out.append({"experiment": exp, "method": method, "category": cat, "metric": exp_rows[0]["metric"],
-                                "mean": st.mean, "std": st.std, "ci_lo": st.lo, "ci_hi": st.hi, "cells": st.n})
+            for cat in (CATEGORIES8 if key == "category8" else CATEGORIES):
+                cells = [r for r in exp_rows if r["method"] == method and r[key] == cat]
+                if not cells:
+                    continue
+                seeds = sorted({s for r in cells for s in r.get("per_seed", {})})
+                by_seed = summarize(float(np.mean([r["per_seed"][s] for r in cells if s in r.get("per_seed", {})]))
+                                    for s in seeds)
+                st = summarize(r["mean"] for r in cells)
+                out.append({"experiment": exp, "method": method, "category": cat, "metric": exp_rows[0]["metric"],
+                            "mean": st.mean, "std": by_seed.std, "ci_lo": st.mean - by_seed.half_width,
+                            "ci_hi": st.mean + by_seed.half_width, "cells": st.n, "seeds": len(seeds)})
     return out

@@ -2,10 +2,11 @@
 
     python analysis/table.py results/grid --metric acc                  # every cell, one column per loss
     python analysis/table.py results/grid --metric acc --by category    # the paper's category summary
+    python analysis/table.py results/grid --metric acc --by category8   # its finer 8-way split
 
-Entries are mean ± std over seeds (per cell) or over cells (per category), with the 95 % Student-t
-confidence interval in brackets when there are at least two values; n is the number of seeds
-(or cells).
+Per cell: mean ± std over seeds. Per category: the mean over the category's cells, ± the std over
+seeds of each seed's mean over those cells. The 95 % Student-t confidence interval is in brackets
+when there are at least two seeds; n is the number of seeds, `cells` the number of cells.
 """
 from __future__ import annotations
 
@@ -65,15 +66,16 @@ def cell_table(rows: list[dict], methods: list[str], fmt: str, ci: bool) -> str:
     return render(header, lines, fmt)
 
 
-def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool) -> str:
-    """One line per category, one column per method: mean over the cells of the category."""
-    summary = R.category_summary([r for r in rows if r["category"]])
+def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key: str = "category") -> str:
+    """One line per category (`key`: the 5-way "category" or the 8-way "category8"), one column per
+    method: the mean over the category's cells, ± std and 95 % CI over seeds."""
+    summary = R.category_summary([r for r in rows if r[key]], key)
     if not summary:
         raise UserError("no cell has a category: the test sets are not named as configurations (e.g. I, IA, I+rA)")
     by = {(s["category"], s["method"]): s for s in summary}
     header = ["category", *methods, "cells"]
     lines = []
-    for cat in R.CATEGORIES:
+    for cat in (R.CATEGORIES8 if key == "category8" else R.CATEGORIES):
         cells = [by.get((cat, m)) for m in methods]
         if not any(cells):
             continue
@@ -86,7 +88,8 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter
                                  epilog=__doc__.split("\n\n", 1)[1])
 parser.add_argument("results", help="folder of result JSON files (searched recursively)")
 parser.add_argument("--metric", default="acc", help="acc, kl, agreement, worst_group_acc, teacher_acc, ... (default acc)")
-parser.add_argument("--by", choices=("cell", "category"), default="cell", help="rows per cell or per category (default cell)")
+parser.add_argument("--by", choices=("cell", "category", "category8"), default="cell",
+                    help="rows per cell, per category (5-way) or per category of the finer 8-way split (default cell)")
 parser.add_argument("--format", choices=("md", "text", "csv"), default="md", help="output format (default md)")
 parser.add_argument("--no-ci", action="store_true", help="leave the confidence intervals out")
 parser.add_argument("--experiment", default=None, help="only this experiment (default: every one, one table each)")
@@ -102,11 +105,13 @@ def main() -> None:
         rows = R.aggregate(exp_runs, args.metric)
         methods = R.methods(exp_runs)
         if args.format != "csv":
-            what = "mean over cells" if args.by == "category" else "mean over seeds"
-            print(f"{'### ' if args.format == 'md' else ''}{exp}: {args.metric} ({what}, ± std"
+            what = "mean over cells, ± std over seeds" if args.by != "cell" else "mean over seeds, ± std"
+            print(f"{'### ' if args.format == 'md' else ''}{exp}: {args.metric} ({what}"
                   f"{'' if args.no_ci else ', [95% CI]'})\n")
-        table = category_table if args.by == "category" else cell_table
-        print(table(rows, methods, args.format, not args.no_ci))
+        if args.by == "cell":
+            print(cell_table(rows, methods, args.format, not args.no_ci))
+        else:
+            print(category_table(rows, methods, args.format, not args.no_ci, args.by))
 
 
 if __name__ == "__main__":

@@ -141,6 +141,36 @@ def test_category_by_hand(teacher, student, test, letters, expected):
     assert R.category(teacher, student, test, letters) == expected
 
 
+@pytest.mark.parametrize("teacher,student,test,expected", [
+    ("IA", "IA", "A", "similarity"),
+    ("IB", "I", "B", "teacher"),
+    ("I", "IB", "B", "student"),
+    ("A", "I", "IA", "neither"),
+    ("IA", "I", "IA", "teacher+shared"),     # I both have, A only the teacher
+    ("I", "IA", "IA", "student+shared"),
+    ("IA", "IB", "AB", "overlap"),           # A only in T, B only in S
+    ("IA", "IB", "IAB", "overlap"),
+    ("IA", "I", "IB", "unseen"),             # B in neither model's data
+    ("IA", "IA", "minority", None),
+])
+def test_the_8_way_split_refines_other_and_keeps_the_rest(teacher, student, test, expected):
+    assert R.category8(teacher, student, test, "IAB") == expected
+    coarse = R.category(teacher, student, test, "IAB")
+    assert coarse == expected or (coarse == "other" and expected not in R.CATEGORIES)
+
+
+def test_category_spread_is_over_seeds_not_cells(tmp_path):
+    grid_results(tmp_path)
+    rows = R.aggregate(R.load_results(str(tmp_path)), "acc")
+    kl = {s["category"]: s for s in R.category_summary(rows) if s["method"] == "kl"}
+    # teacher cells (T = IA, S = I, K = A): accuracy/2, 0.25 with seed 0 and 0.30 with seed 1, in each cell
+    half = 12.706204736 * math.sqrt(0.00125) / math.sqrt(2)
+    assert kl["teacher"]["mean"] == pytest.approx(0.275) and kl["teacher"]["seeds"] == 2
+    assert kl["teacher"]["ci_hi"] - kl["teacher"]["mean"] == pytest.approx(half, rel=1e-6)
+    fine = {s["category"] for s in R.category_summary(rows, "category8")}
+    assert fine <= set(R.CATEGORIES8) and "other" not in fine
+
+
 def test_mechanism_letters_and_config_order(tmp_path):
     write(tmp_path, "a.json", result(teacher="I+rA", student="IA", evals={"I": 0.5, "rI+A": 0.5, "minority": 0.1}))
     runs = R.load_results(str(tmp_path))
