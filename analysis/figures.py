@@ -27,6 +27,7 @@ import math
 import os
 import re
 import sys
+from typing import Optional
 
 import matplotlib
 matplotlib.use("Agg")
@@ -287,7 +288,10 @@ def curves(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: lis
 
 # ----------------------------------------------------------------------------- 4. categories
 
-def categories(runs: list[R.Run], exp: str, metric: str, out: str, written: list[str]) -> bool:
+def categories(runs: list[R.Run], exp: str, metric: str, out: str, written: list[str],
+               reference: Optional[dict] = None) -> bool:
+    """Every cell placed by its category, one point per cell and loss; `reference` ({loss: {category:
+    value}}) adds another implementation's category means as black markers beside the loss's own."""
     rows = [r for r in R.aggregate(runs, metric) if r["category"] is not None]
     if not rows:
         return False
@@ -305,6 +309,9 @@ def categories(runs: list[R.Run], exp: str, metric: str, out: str, written: list
                        label=method if k == 0 else None, edgecolors="none")
             if vals:
                 ax.hlines(np.mean(vals), x - width / 2.2, x + width / 2.2, color=c, lw=2.5)
+            if reference and cat in reference.get(method, {}):
+                ax.scatter([x + width / 3], [reference[method][cat]], marker="x", s=40, color="black", zorder=5,
+                           label="reference implementation (mean)" if k == 0 and i == 0 else None)
     counts = {cat: len({(r["teacher"], r["student"], r["test_set"]) for r in rows if r["category"] == cat}) for cat in present}
     ax.set_xticks(range(len(present)))
     ax.set_xticklabels([f"{cat}\n({counts[cat]} cells)" for cat in present])
@@ -452,7 +459,8 @@ def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> No
             for method in chosen:
                 if method not in (args.baseline, "ce"):
                     diff_heatmap(runs, exp, method, args.baseline, metric, args.out, written)
-        if "categories" in kinds and not categories(runs, exp, metric, args.out, written):
+        reference = R.REFERENCE_DOMINOES_ACC if args.reference and metric == "acc" else None
+        if "categories" in kinds and not categories(runs, exp, metric, args.out, written, reference):
             print(f"{exp}: its test sets are not named as configurations, so cells have no category")
             kinds.discard("categories")
 
@@ -473,6 +481,9 @@ parser.add_argument("--baseline", default="kl", help="method subtracted in the d
 parser.add_argument("--dose", default=None, metavar="SETTING",
                     help="draw the dose-response in this swept setting (e.g. alpha; see analysis/grid.py --sweep)")
 parser.add_argument("--sets", nargs="+", default=None, help="test sets of the dose-response panels (default: all)")
+parser.add_argument("--reference", action="store_true",
+                    help="mark the reference implementation's category means for the Dominoes grid (random patch) "
+                         "on the categories figure of accuracy")
 parser.add_argument("--error", choices=("std", "ci"), default="std",
                     help="error bars of the bar charts: 1 std (default; readable with 2-3 seeds) or the 95%% "
                          "Student-t CI (with 2 seeds it is 9 std wide); the tables give both")

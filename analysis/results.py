@@ -29,6 +29,13 @@ from common import LOSSES, UserError, parse_config  # noqa: E402
 
 CATEGORIES = ("similarity", "teacher", "student", "neither", "other")
 # The finer split: `other` cut into the four ways it arises (see category8).
+# The reference implementation's own numbers for the Dominoes exhaustive grid (random-noise patch, ResNet-18
+# teacher and student, about 20,000 iterations, no seeds): the student's accuracy, mean over the cells of
+# each category. It has no usable contrastive row (its contrastive numbers were snapshots at iteration 100).
+REFERENCE_DOMINOES_ACC = {
+    "kl": {"similarity": 0.911, "teacher": 0.163, "student": 0.314, "neither": 0.339, "other": 0.434},
+    "jacobian": {"similarity": 0.896, "teacher": 0.173, "student": 0.293, "neither": 0.326, "other": 0.392},
+}
 CATEGORIES8 = ("similarity", "teacher", "teacher+shared", "student", "student+shared", "overlap", "unseen", "neither")
 # Flags that say where or how a run was executed, not what was trained: runs that differ only in
 # these (and the seed) are repeats of the same cell.

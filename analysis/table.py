@@ -3,6 +3,7 @@
     python analysis/table.py results/grid --metric acc                  # every cell, one column per loss
     python analysis/table.py results/grid --metric acc --by category    # the paper's category summary
     python analysis/table.py results/grid --metric acc --by category8   # its finer 8-way split
+    python analysis/table.py results/dominoes --metric acc --by category --reference   # beside the reference's numbers
 
 Per cell: mean ± std over seeds. Per category: the mean over the category's cells, ± the std over
 seeds of each seed's mean over those cells. The 95 % Student-t confidence interval is in brackets
@@ -17,6 +18,7 @@ import math
 import os
 import signal
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -66,21 +68,25 @@ def cell_table(rows: list[dict], methods: list[str], fmt: str, ci: bool) -> str:
     return render(header, lines, fmt)
 
 
-def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key: str = "category") -> str:
+def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key: str = "category",
+                   reference: Optional[dict] = None) -> str:
     """One line per category (`key`: the 5-way "category" or the 8-way "category8"), one column per
-    method: the mean over the category's cells, ± std and 95 % CI over seeds."""
+    method: the mean over the category's cells, ± std and 95 % CI over seeds; then a column per
+    method of `reference` ({method: {category: value}}) when given."""
     summary = R.category_summary([r for r in rows if r[key]], key)
     if not summary:
         raise UserError("no cell has a category: the test sets are not named as configurations (e.g. I, IA, I+rA)")
     by = {(s["category"], s["method"]): s for s in summary}
-    header = ["category", *methods, "cells"]
+    reference = reference or {}
+    header = ["category", *methods, *[f"reference {m}" for m in reference], "cells"]
     lines = []
     for cat in (R.CATEGORIES8 if key == "category8" else R.CATEGORIES):
         cells = [by.get((cat, m)) for m in methods]
         if not any(cells):
             continue
         vals = [(f"{c['mean']:.6g}" if fmt == "csv" else entry(c, ci=ci)) if c else "-" for c in cells]
-        lines.append([cat, *vals, str(max(c["cells"] for c in cells if c))])
+        refs = [f"{ref[cat]:.3f}" if cat in ref else "-" for ref in reference.values()]
+        lines.append([cat, *vals, *refs, str(max(c["cells"] for c in cells if c))])
     return render(header, lines, fmt)
 
 
@@ -90,6 +96,9 @@ parser.add_argument("results", help="folder of result JSON files (searched recur
 parser.add_argument("--metric", default="acc", help="acc, kl, agreement, worst_group_acc, teacher_acc, ... (default acc)")
 parser.add_argument("--by", choices=("cell", "category", "category8"), default="cell",
                     help="rows per cell, per category (5-way) or per category of the finer 8-way split (default cell)")
+parser.add_argument("--reference", action="store_true",
+                    help="with --metric acc --by category: add the reference implementation's own numbers for the "
+                         "Dominoes exhaustive grid (random patch) beside ours")
 parser.add_argument("--format", choices=("md", "text", "csv"), default="md", help="output format (default md)")
 parser.add_argument("--no-ci", action="store_true", help="leave the confidence intervals out")
 parser.add_argument("--experiment", default=None, help="only this experiment (default: every one, one table each)")
@@ -97,6 +106,9 @@ parser.add_argument("--experiment", default=None, help="only this experiment (de
 
 def main() -> None:
     args = parser.parse_args()
+    if args.reference and (args.metric != "acc" or args.by != "category"):
+        raise UserError("--reference compares the student's accuracy per 5-way category: use it with --metric acc "
+                        "--by category")
     runs, exps = R.load_for_cli(args.results, args.experiment)
     for exp in exps:
         exp_runs = R.select(runs, experiment=exp)
@@ -111,7 +123,8 @@ def main() -> None:
         if args.by == "cell":
             print(cell_table(rows, methods, args.format, not args.no_ci))
         else:
-            print(category_table(rows, methods, args.format, not args.no_ci, args.by))
+            print(category_table(rows, methods, args.format, not args.no_ci, args.by,
+                                 R.REFERENCE_DOMINOES_ACC if args.reference else None))
 
 
 if __name__ == "__main__":

@@ -355,6 +355,12 @@ def test_tables_markdown_by_cell_and_category(tmp_path, cli):
     # teacher category: T=IA, S=I, K=A -> every cell's mean over seeds is 0.55/2 for kl
     assert float(cats["teacher"][1]) == pytest.approx(0.275)
     assert {"similarity", "teacher", "student", "neither"} <= set(cats)
+    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv", "--reference")
+    rows = [l.split(",") for l in r.stdout.splitlines()]
+    assert rows[0] == ["category", "kl", "jacobian", "reference kl", "reference jacobian", "cells"]
+    assert {row[0]: row[3:5] for row in rows[1:]}["teacher"] == ["0.163", "0.173"]
+    r = cli("table.py", tmp_path, "--metric", "kl", "--reference")
+    assert r.returncode == 2 and "--metric acc --by category" in r.stderr
 
 
 # ----------------------------------------------------------------------------- grid runner: cells
