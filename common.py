@@ -72,7 +72,9 @@ class DistillConfig:
     top_k: Optional[int] = None
     contrastive_temperature: float = 0.1
     contrastive_dim: int = 128
-    contrastive_negatives: str = "batch"  # batch: every other sample; same-class: only those of its label
+    contrastive_negatives: str = "batch"  # batch: every other sample; same-class: only those of its label;
+                                          # dataset: the batch plus up to contrastive_bank other training samples
+    contrastive_bank: int = 4096
     eval_every: int = 60               # steps between two points of the curves (0: none)
     seed: int = 0
 
@@ -330,9 +332,14 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 
 
 def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor, heads: ContrastiveHeads,
-             temperature: float = 0.1, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+             temperature: float = 0.1, labels: Optional[torch.Tensor] = None,
+             bank_features: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In-batch InfoNCE (CRD without the memory bank): the positive of student sample i is teacher
     sample i, every other sample of the batch is a negative; symmetric in the two directions.
+
+    `bank_features`: the teacher's features of other training samples, extra negatives for each
+    student sample (CRD's many negatives; the teacher is frozen and its features precomputed, so
+    they are never stale). The teacher-to-student direction stays in-batch.
 
     With `labels`, only samples of the same label are negatives. Where a spurious cue identifies
     the class (colour on `IA` data), features that encode the class alone already separate a
@@ -345,7 +352,11 @@ def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor, hea
     if labels is not None:
         logits = logits.masked_fill(labels[:, None] != labels[None, :], float("-inf"))
     target = torch.arange(len(zs), device=zs.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    student_to_teacher = logits
+    if bank_features is not None:
+        zb = F.normalize(heads.teacher(bank_features), dim=1)
+        student_to_teacher = torch.cat([logits, zs @ zb.t() / temperature], 1)
+    return 0.5 * (F.cross_entropy(student_to_teacher, target) + F.cross_entropy(logits.t(), target))
 
 
 def class_selectors(num_classes: int, batch: int, device: torch.device,
@@ -598,8 +609,15 @@ def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict
             return {"kl": (1.0, kl(student(x), idx))}
         if cfg.loss == "contrastive":
             feats = student.features(x)
+            bank = None
+            if cfg.contrastive_negatives == "dataset":  # other training samples than the batch's
+                others = torch.ones(len(targets["features"]), dtype=torch.bool, device=idx.device)
+                others[idx] = False
+                pool = others.nonzero().squeeze(1)
+                pick = torch.randperm(len(pool), generator=generator, device=pool.device)[:cfg.contrastive_bank]
+                bank = targets["features"][pool[pick]]
             aux = info_nce(feats, targets["features"][idx], heads, cfg.contrastive_temperature,
-                           y if cfg.contrastive_negatives == "same-class" else None)
+                           y if cfg.contrastive_negatives == "same-class" else None, bank)
             return {"kl": (1 - cfg.alpha, kl(student.classifier(feats), idx)), "infonce": (cfg.alpha, aux)}
         num_classes = targets["logits"].shape[1]
         if cfg.jacobian_estimator == "projection":
@@ -645,8 +663,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, cfg: Disti
         raise UserError(f"unknown loss '{cfg.loss}'; use one of {', '.join(LOSSES)}")
     if cfg.jacobian_estimator not in ("exact", "projection"):
         raise UserError(f"unknown Jacobian estimator '{cfg.jacobian_estimator}'; use exact or projection")
-    if cfg.contrastive_negatives not in ("batch", "same-class"):
-        raise UserError(f"unknown contrastive negatives '{cfg.contrastive_negatives}'; use batch or same-class")
+    if cfg.contrastive_negatives not in ("batch", "same-class", "dataset"):
+        raise UserError(f"unknown contrastive negatives '{cfg.contrastive_negatives}'; use batch, same-class or dataset")
     freeze(teacher.to(device))
     student.to(device).train()
     t_start = time.perf_counter()

@@ -326,9 +326,11 @@ def add_common_args(parser: argparse.ArgumentParser, teacher: TeacherConfig, stu
     g.add_argument("--top-k", type=int, default=student.top_k, help="match only the teacher's top-k classes' Jacobian rows")
     g.add_argument("--contrastive-temperature", type=float, default=student.contrastive_temperature,
                    help=f"InfoNCE temperature (default {student.contrastive_temperature:g})")
-    g.add_argument("--contrastive-negatives", choices=("batch", "same-class"), default=student.contrastive_negatives,
-                   help="InfoNCE negatives: every other sample of the batch, or only those of the same label "
-                        f"(default {student.contrastive_negatives})")
+    g.add_argument("--contrastive-negatives", choices=("batch", "same-class", "dataset"),
+                   default=student.contrastive_negatives,
+                   help="InfoNCE negatives: every other sample of the batch; only those of the same label; or the "
+                        f"batch plus up to {student.contrastive_bank} other training samples (the teacher's features, "
+                        f"precomputed) (default {student.contrastive_negatives})")
     g = parser.add_argument_group("training")
     g.add_argument("--arch", choices=archs, default=student.arch, help=arch_help)
     g.add_argument("--student-arch", choices=archs, default=None,

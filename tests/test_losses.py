@@ -263,6 +263,46 @@ def test_info_nce_same_class_negatives_by_hand():
     assert all(torch.isfinite(p.grad).all() for p in heads.parameters() if p.grad is not None)
 
 
+def test_info_nce_bank_negatives_by_hand():
+    """Bank features are extra negatives for each student sample; the other direction stays in-batch."""
+    torch.manual_seed(2)
+    heads = common.ContrastiveHeads(6, 5, dim=4)
+    fs, ft, bank = torch.randn(4, 6), torch.randn(4, 5), torch.randn(7, 5)
+    zs = F.normalize(heads.student(fs), dim=1)
+    zt = F.normalize(heads.teacher(torch.cat([ft, bank])), dim=1)
+    sim = (zs @ zt.t() / 0.1).detach()
+    by_hand = sum(0.5 * (-(sim[i, i] - torch.logsumexp(sim[i], 0)) - (sim[i, i] - torch.logsumexp(sim[:4, i], 0)))
+                  for i in range(4)) / 4
+    assert common.info_nce(fs, ft, heads, 0.1, bank_features=bank).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert common.info_nce(fs, ft, heads, 0.1, bank_features=bank).item() > common.info_nce(fs, ft, heads, 0.1).item()
+
+
+def test_dataset_negatives_come_from_outside_the_batch():
+    """The objective's bank holds other training rows than the batch's, at most contrastive_bank of them."""
+    student, teacher = models()[0]
+    train_x = inputs(0)
+    seen = []
+    real = common.info_nce
+
+    def spy(*args, **kw):
+        seen.append(args[5] if len(args) > 5 else kw.get("bank_features"))
+        return real(*args, **kw)
+    targets = common.teacher_targets(teacher, train_x, need_jacobian=False, top_k=None, method="loop")
+    heads = common.ContrastiveHeads(student.feature_dim, teacher.feature_dim, 8)
+    for bank_size, expected in ((3, 3), (100, len(train_x) - len(IDX))):
+        cfg = common.DistillConfig(loss="contrastive", contrastive_negatives="dataset", contrastive_bank=bank_size)
+        objective = common.distillation_objective(student, teacher, targets, cfg, heads, torch.Generator().manual_seed(0))
+        try:
+            common.info_nce = spy
+            objective(train_x[IDX], torch.zeros(4).long(), IDX)
+        finally:
+            common.info_nce = real
+        bank = seen[-1]
+        assert len(bank) == expected
+        batch_rows = {tuple(r.tolist()) for r in targets["features"][IDX]}
+        assert not batch_rows & {tuple(r.tolist()) for r in bank}
+
+
 def test_pair_metrics_by_hand():
     y = torch.tensor([0, 1, 2, 1])
     teacher = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0], [5.0, 0, 0]])
