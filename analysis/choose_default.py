@@ -16,7 +16,6 @@ for a poor fit count here (they are the ones the rule must see); runs with non-f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,10 +27,7 @@ from common import UserError  # noqa: E402
 from harness import run_cli  # noqa: E402
 from analysis import results as R  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
-parser.add_argument("results", help="folder of result JSON files (searched recursively), e.g. a grid --sweep's")
-parser.add_argument("--setting", required=True, help="the swept setting, as the JSON's config spells it (e.g. alpha)")
+parser = R.sweep_parser(__doc__)
 parser.add_argument("--baseline", default="kl", help="the loss whose fit is the reference (default kl)")
 parser.add_argument("--tolerance", type=float, default=0.01, help="how far below the reference the fit may fall "
                                                                    "(default 0.01, one point)")
@@ -51,7 +47,7 @@ def choose(runs: list[R.Run], setting: str, baseline: str, tolerance: float, mea
             raise UserError(f"{'/'.join(key)}: no {baseline} run with a fit block to compare with; run the "
                             f"{baseline} student on the same pair (the grid with --losses {baseline})")
         ref = sum(reference) / len(reference)
-        candidates = [r for r in group if r.loss != baseline and setting in r.settings and measure in r.fit]
+        candidates = [r for r in group if r.loss != baseline and r.settings.get(setting) is not None and measure in r.fit]
         lines: dict[str, dict] = {}
         for name, line_runs in R.line_names(candidates, setting).items():
             for r in line_runs:
@@ -69,10 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.tolerance <= 1:
         raise UserError(f"--tolerance must be in [0, 1], got {args.tolerance}")
-    runs = R.load_results(args.results, keep_flagged=True)  # a student flagged for its fit failed the rule
-    if not any(args.setting in r.settings for r in runs):
-        raise UserError(f"no run in {args.results} records a setting '{args.setting}'; name a flag as the JSON's "
-                        f"config spells it, e.g. alpha")
+    runs = R.load_sweep(args.results, args.setting)
     rows = choose(runs, args.setting, args.baseline, args.tolerance, args.measure)
     if not rows:
         raise UserError(f"no run other than {args.baseline} in {args.results} has a fit block and '{args.setting}'")

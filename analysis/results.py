@@ -11,6 +11,7 @@ apart when a folder holds both (e.g. `kl [temperature=1.0]` and `kl [temperature
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -176,6 +177,25 @@ def line_names(runs: list[Run], swept: str) -> dict[str, list[Run]]:
         extra = ", ".join(f"{k}={r.settings[k]}" for k in varying[r.loss] if r.settings.get(k) is not None)
         lines.setdefault(f"{r.loss} [{extra}]" if extra else r.loss, []).append(r)
     return lines
+
+
+def sweep_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a tool that reads a sweep (grid.py --sweep): the folder and the setting."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("results", help="folder of result JSON files (searched recursively), e.g. a grid --sweep's")
+    parser.add_argument("--setting", required=True, help="the swept setting, as the JSON's config spells it (e.g. alpha)")
+    return parser
+
+
+def load_sweep(folder: str, setting: str) -> list[Run]:
+    """The runs of a sweep, flagged ones included (a weight that breaks the student's fit is part of
+    the answer); a UserError when none records `setting`."""
+    runs = load_results(folder, keep_flagged=True)
+    if not any(r.settings.get(setting) is not None for r in runs):
+        raise UserError(f"no run in {folder} records a setting '{setting}'; name a flag as the JSON's "
+                        f"config spells it, e.g. alpha")
+    return runs
 
 
 def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),

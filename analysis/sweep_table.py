@@ -14,7 +14,6 @@ part of the answer.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,10 +27,7 @@ from common import UserError  # noqa: E402
 from harness import run_cli  # noqa: E402
 from analysis import results as R  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
-parser.add_argument("results", help="folder of result JSON files (searched recursively), e.g. a grid --sweep's")
-parser.add_argument("--setting", required=True, help="the swept setting, as the JSON's config spells it (e.g. alpha)")
+parser = R.sweep_parser(__doc__)
 parser.add_argument("--columns", nargs="+", required=True, metavar="METRIC:SET",
                     help="metric and test set of each column, e.g. agreement:I+rA kl:I+rA worst_group_acc:I+rA")
 
@@ -91,10 +87,7 @@ def main() -> None:
         if not sep or not metric or not test_set:
             raise UserError(f"--columns '{spec}' is not METRIC:SET; write e.g. agreement:I+rA")
         columns.append((metric, test_set))
-    runs = R.load_results(args.results, keep_flagged=True)  # the table counts flagged runs instead of hiding them
-    if not any(r.settings.get(args.setting) is not None for r in runs):
-        raise UserError(f"no run in {args.results} records a setting '{args.setting}'; name a flag as the JSON's "
-                        f"config spells it, e.g. alpha")
+    runs = R.load_sweep(args.results, args.setting)
     for metric, test_set in columns:
         if all(R.value(r, test_set, metric) is None for r in runs):
             raise UserError(f"no run in {args.results} has {metric} on {test_set}; test sets: "

@@ -807,6 +807,9 @@ def test_choose_default_takes_the_largest_weight_that_keeps_the_in_distribution_
         kl = result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1})
         kl["student"]["fit"] = {"config": "IA", "acc": 0.95, "agreement": 0.95, "fit": 0.95, "ok": True}
         write(folder, f"kl_{seed}.json", kl)
+        ce = result("toy", "I+rA", "IA", "ce", seed, {"IA": 0.9, "I+rA": 0.1}, alpha=None)  # no weight: not a line
+        ce["student"]["fit"] = {"config": "IA", "acc": 0.99, "agreement": 0.9, "fit": 0.99, "ok": True}
+        write(folder, f"ce_{seed}.json", ce)
         for alpha, acc in ((0.1, 0.96), (0.5, 0.945), (0.9, 0.90)):
             r = result("toy", "I+rA", "IA", "jacobian", seed, {"IA": 0.9, "I+rA": alpha}, alpha=alpha)
             r["student"]["fit"] = {"config": "IA", "acc": acc, "agreement": acc, "fit": acc, "ok": True}
