@@ -400,7 +400,8 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
     fig.legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", ncol=2, frameon=False)
     n = sorted({len(rs) for rs in R.group_cells(pair_runs).values()})
     fig.suptitle(f"{exp}: teacher {teacher}, student {student}; dose-response in {key}\n"
-                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds; flagged runs left out)",
+                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds; flagged runs "
+                 f"{'kept' if any(r.flags for r in pair_runs) else 'left out'})",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.025 * math.ceil(len(handles) / 2), 1, 1))
     save(fig, os.path.join(out, f"{exp}_dose_{safe(key)}_{safe(teacher)}_{safe(student)}.png"), written)
@@ -481,6 +482,9 @@ parser.add_argument("--baseline", default="kl", help="method subtracted in the d
 parser.add_argument("--dose", default=None, metavar="SETTING",
                     help="draw the dose-response in this swept setting (e.g. alpha; see analysis/grid.py --sweep)")
 parser.add_argument("--sets", nargs="+", default=None, help="test sets of the dose-response panels (default: all)")
+parser.add_argument("--keep-flagged", action="store_true",
+                    help="draw runs the scripts flagged (e.g. a student below --student-min-fit) instead of leaving "
+                         "them out: in a dose-response, a weight that breaks the fit is part of the answer")
 parser.add_argument("--reference", action="store_true",
                     help="mark the reference implementation's category means for the Dominoes grid (random patch) "
                          "on the categories figure of accuracy")
@@ -491,7 +495,7 @@ parser.add_argument("--error", choices=("std", "ci"), default="std",
 
 def main() -> None:
     args = parser.parse_args()
-    runs, exps = R.load_for_cli(args.results, args.experiment)
+    runs, exps = R.load_for_cli(args.results, args.experiment, keep_flagged=args.keep_flagged)
     if len(exps) > 1:
         print(f"{args.results} holds {len(exps)} experiments ({', '.join(exps)}): drawing each separately")
     try:

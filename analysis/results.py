@@ -293,10 +293,10 @@ def experiments(runs: Iterable[Run]) -> list[str]:
 
 
 
-def load_for_cli(folder: str, experiment: Optional[str]) -> tuple[list[Run], list[str]]:
+def load_for_cli(folder: str, experiment: Optional[str], keep_flagged: bool = False) -> tuple[list[Run], list[str]]:
     """What the command-line tools start from: the runs of a folder (with warnings about
     confounded settings) and the experiments to draw, limited to `experiment` when given."""
-    runs = load_results(folder)
+    runs = load_results(folder, keep_flagged=keep_flagged)
     warn_confounders(runs)
     exps = experiments(runs)
     if experiment:

@@ -865,3 +865,13 @@ def test_sweep_table_command_line(tmp_path):
                      (["--setting", "lr", "--columns", "agreement:IA"], "no run")):
         r = run_script("sweep_table.py", tmp_path / "r", *(["--setting", "alpha"] if "--setting" not in bad else []), *bad)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_figures_keep_flagged_runs_only_when_asked(tmp_path):
+    sweep_results(tmp_path / "r")
+    flagged = result("toy", "I+rA", "IA", "jacobian", 5, {"IA": 0.5, "I+rA": 0.9}, alpha=0.9)
+    flagged["flags"] = ["student_fit: the student fits held-out IA only 0.5 (floor 0.90)"]
+    write(tmp_path / "r", "flagged.json", flagged)
+    assert 5 not in {r.seed for r in R.load_for_cli(str(tmp_path / "r"), None)[0]}
+    assert 5 in {r.seed for r in R.load_for_cli(str(tmp_path / "r"), None, keep_flagged=True)[0]}
+    assert figures.parser.parse_args([str(tmp_path / "r"), "--keep-flagged"]).keep_flagged
