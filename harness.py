@@ -421,6 +421,9 @@ def teacher_floor(args, num_classes: int) -> float:
     return 0.0 if args.smoke else chance + (1 - chance) / 2  # a smoke run checks the setup, not the teacher
 
 
+TEACHER_ATTEMPTS = 3  # trainings of a teacher that stays below its floor, each from a new initialisation
+
+
 def get_teacher(args: argparse.Namespace, cfg: TeacherConfig, device: torch.device, build: Callable[[], nn.Module],
                 train: TensorSet, heldout: TensorSet, data_key: dict) -> tuple[nn.Module, dict]:
     """Load the cached teacher or train it on `train` as `cfg` says, then check it on `heldout`
@@ -444,8 +447,26 @@ def get_teacher(args: argparse.Namespace, cfg: TeacherConfig, device: torch.devi
             raise UserError(f"the teacher reaches only {acc:.3f} on held-out {args.teacher_config} data, below the "
                             f"floor {floor:.3f} (chance {1 / logits.shape[1]:.3f}); distilling it would mean nothing "
                             f"and nothing was cached or written. {fix} (--teacher-min-acc sets the floor)")
+    def train_with_restarts(model: nn.Module) -> nn.Module:
+        """This small CNN without normalisation sometimes never leaves chance with SGD at the default
+        learning rate (seen at two threads on one machine, while one thread trained fine): a teacher
+        below its floor is trained again from a new initialisation and batch order, up to
+        TEACHER_ATTEMPTS times. The first attempt is the plain recipe, so a teacher that learns at
+        once is the same as without restarts; the record says how many attempts it took."""
+        for attempt in range(TEACHER_ATTEMPTS):
+            if attempt:
+                print(f"teacher: still at chance after attempt {attempt}; training again from a new initialisation")
+                torch.manual_seed(cfg.seed + 1000 * attempt)
+                model = build()
+            trained = train_teacher(model, train, dataclasses.replace(cfg, seed=cfg.seed + 1000 * attempt), device)
+            record["attempts"] = attempt + 1
+            logits = predict(trained, heldout.x).cpu()
+            acc = (logits.argmax(1) == heldout.y.cpu()).float().mean().item()
+            if torch.isfinite(logits).all() and acc >= teacher_floor(args, logits.shape[1]):
+                break
+        return trained
     start = time.perf_counter()
-    teacher, cached = load_or_train_teacher(key, build, lambda model: train_teacher(model, train, cfg, device), check,
+    teacher, cached = load_or_train_teacher(key, build, train_with_restarts, check,
                                             args.cache_dir, device, retrain=args.retrain_teacher)
     record.update(cached=cached, train_s=0.0 if cached else time.perf_counter() - start)
     return teacher, record

@@ -83,6 +83,23 @@ def test_a_teacher_that_turns_nan_on_its_last_step_is_neither_cached_nor_used(tm
     assert not out.exists() and cached_teachers(cache) == []
 
 
+def test_a_teacher_that_fails_once_is_trained_again_from_a_new_start(tmp_path, monkeypatch, capsys):
+    """A teacher that never leaves chance (or turns non-finite) on its first training gets a new
+    initialisation and batch order; the run goes on and the result says how many attempts it took."""
+    train, seeds = common.train_teacher, []
+
+    def first_fails(model, data, cfg, device):
+        seeds.append(cfg.seed)
+        trained = train(model, data, cfg, device)
+        return spoil(trained) if len(seeds) == 1 else trained
+    monkeypatch.setattr(harness, "train_teacher", first_fails)
+    out, cache = tmp_path / "r.json", tmp_path / "cache"
+    code, stdout, err = run_main(exp_colored_mnist, ["--smoke", "--out", out, "--cache-dir", cache], monkeypatch, capsys)
+    assert code == 0, err
+    assert seeds == [0, 1000] and "training again from a new initialisation" in stdout
+    assert json.loads(out.read_text())["teacher"]["attempts"] == 2 and len(cached_teachers(cache)) == 1
+
+
 @pytest.mark.slow
 def test_a_broken_cached_teacher_points_to_retrain(tmp_path, monkeypatch, capsys):
     out, cache = tmp_path / "r.json", tmp_path / "cache"
