@@ -15,7 +15,8 @@ from held-out images then ask which mechanism the student uses:
   I+rA    image, patch of a random class (the key OOD set: a student that shares the
                                        teacher's mechanism keeps agreeing with it here)
   rI+A    random image, patch of the label (high accuracy = the student reads the patch)
-  with --dominoes also B, IB, IAB, I+rB, IA+rB and I+rA+rB.
+  with --dominoes also B, IB, AB, IAB, I+rB, IA+rB and I+rA+rB (B, IB, AB and IAB complete the
+  seven configurations of the exhaustive grid).
 
 Absent mechanisms take a neutral value: no patch for A, a blank (black) top half for B, and for I
 an image filled with the training images' mean colour. A randomised patch is the patch of a
@@ -57,7 +58,7 @@ import harness
 
 EXPERIMENT = "cifar_patch"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
-DOMINO_TEST_CONFIGS = ("B", "IB", "IAB", "I+rB", "IA+rB", "I+rA+rB")
+DOMINO_TEST_CONFIGS = ("B", "IB", "AB", "IAB", "I+rB", "IA+rB", "I+rA+rB")
 NUM_CLASSES = 10
 DATA_VERSION = 2  # bump when the shapes generator or the rendering changes (part of the teacher cache key)
 MANDELBROT_NOTE = ("--patch-pattern mandelbrot: the pattern encodes the class as well as the position, so a test "

@@ -271,6 +271,7 @@ def test_dominoes_smoke_run_is_deterministic_and_complete(tmp_path, monkeypatch,
         results.append(json.loads(out.read_text()))
     a, b = results
     assert set(a["student"]["eval"]) == set(exp.TEST_CONFIGS + exp.DOMINO_TEST_CONFIGS)
+    assert {"I", "A", "B", "IA", "IB", "AB", "IAB"} <= set(a["student"]["eval"])  # every cell of the exhaustive grid
     assert any("pattern predictive" in note for note in a["notes"])
     assert a["student"]["eval"] == b["student"]["eval"] and a["teacher"]["eval"] == b["teacher"]["eval"]
     assert b["teacher"]["cached"] and not a["teacher"]["cached"]
