@@ -11,6 +11,7 @@ For each experiment found in the folder:
   <exp>_curves_<T>_<S>.png         metrics over training steps, mean and +-1 std band over seeds
   <exp>_categories_<metric>.png    every (teacher, student, test set) cell by category (similarity,
                                    teacher, student, neither, other), one point per cell and loss
+  <exp>_categories8_<metric>.png   the same by the finer 8-way split, where some cells are `other`
   <exp>_dose_<setting>_<T>_<S>.png with --dose SETTING (a swept flag, e.g. alpha): the dose-response,
                                    one panel per (metric, test set), x = the setting's value, one line
                                    per loss with its 95 % CI band over seeds; plain KL (no weight)
@@ -289,21 +290,22 @@ def curves(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: lis
 # ----------------------------------------------------------------------------- 4. categories
 
 def categories(runs: list[R.Run], exp: str, metric: str, out: str, written: list[str],
-               reference: Optional[dict] = None) -> bool:
-    """Every cell placed by its category, one point per cell and loss; `reference` ({loss: {category:
-    value}}) adds another implementation's category means as black markers beside the loss's own."""
-    rows = [r for r in R.aggregate(runs, metric) if r["category"] is not None]
+               reference: Optional[dict] = None, key: str = "category") -> bool:
+    """Every cell placed by its category (`key`: the 5-way "category" or the 8-way "category8"), one
+    point per cell and loss; `reference` ({loss: {category: value}}) adds another implementation's
+    category means as black markers beside the loss's own."""
+    rows = [r for r in R.aggregate(runs, metric) if r[key] is not None]
     if not rows:
         return False
     methods = [m for m in R.methods(runs) if any(r["method"] == m for r in rows)]
-    present = [c for c in R.CATEGORIES if any(r["category"] == c for r in rows)]
-    fig, ax = plt.subplots(figsize=(1.9 * len(present) + 2.5, 4.0), dpi=100)
+    present = [c for c in (R.CATEGORIES8 if key == "category8" else R.CATEGORIES) if any(r[key] == c for r in rows)]
+    fig, ax = plt.subplots(figsize=((1.9 if key == "category" else 1.5) * len(present) + 2.5, 4.0), dpi=100)
     width = 0.8 / len(methods)
     rng = np.random.default_rng(0)  # jitter only
     for i, method in enumerate(methods):
         c = colour(method, methods)
         for k, cat in enumerate(present):
-            vals = [r["mean"] for r in rows if r["method"] == method and r["category"] == cat]
+            vals = [r["mean"] for r in rows if r["method"] == method and r[key] == cat]
             x = k + (i - (len(methods) - 1) / 2) * width
             ax.scatter(x + rng.uniform(-width / 4, width / 4, len(vals)), vals, s=14, color=c, alpha=0.55,
                        label=method if k == 0 else None, edgecolors="none")
@@ -312,19 +314,21 @@ def categories(runs: list[R.Run], exp: str, metric: str, out: str, written: list
             if reference and cat in reference.get(method, {}):
                 ax.scatter([x + width / 3], [reference[method][cat]], marker="x", s=40, color="black", zorder=5,
                            label="reference implementation (mean)" if k == 0 and i == 0 else None)
-    counts = {cat: len({(r["teacher"], r["student"], r["test_set"]) for r in rows if r["category"] == cat}) for cat in present}
+    counts = {cat: len({(r["teacher"], r["student"], r["test_set"]) for r in rows if r[key] == cat}) for cat in present}
     ax.set_xticks(range(len(present)))
-    ax.set_xticklabels([f"{cat}\n({counts[cat]} cells)" for cat in present])
+    ax.set_xticklabels([f"{cat}\n({counts[cat]} cells)" for cat in present], fontsize=9 if key == "category" else 8)
     ax.set_xlabel("category of the (teacher, student, test set) cell")
     ax.set_ylabel(label(metric))
     if is_fraction(metric):
         ax.set_ylim(-0.02, 1.02)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="loss (bar = mean)", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title(f"{exp}: {label(metric)} by category\n(one point per cell and loss, mean over seeds; "
+    split = "category" if key == "category" else "category of the finer 8-way split"
+    ax.set_title(f"{exp}: {label(metric)} by {split}\n(one point per cell and loss, mean over seeds; "
                  f"'teacher' = mechanism only the teacher saw)", fontsize=10)
     fig.tight_layout()
-    save(fig, os.path.join(out, f"{exp}_categories_{safe(metric)}.png"), written)
+    name = "categories" if key == "category" else "categories8"
+    save(fig, os.path.join(out, f"{exp}_{name}_{safe(metric)}.png"), written)
     return True
 
 
@@ -415,6 +419,7 @@ def parse_pair(text: str) -> tuple[str, str]:
 
 
 def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> None:
+    runs = R.only_sets(runs, args.sets)
     available = R.metrics(runs)
     metrics = args.metrics or [m for m in ("acc", "kl", "agreement", "worst_group_acc") if m in available]
     unknown = [m for m in metrics if m not in available]
@@ -427,10 +432,7 @@ def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> No
         raise UserError(f"{exp} has no runs for --pair {', '.join(missing)}; it has "
                         f"{', '.join(f'{t}/{s}' for t, s in all_pairs)}")
     kinds = set(args.kinds)
-    sets = args.sets or R.test_sets(runs)
-    unknown = [x for x in sets if x not in R.test_sets(runs)]
-    if unknown:
-        raise UserError(f"{exp} has no test set {', '.join(unknown)}; it has {', '.join(R.test_sets(runs))}")
+    sets = R.test_sets(runs)
     if args.dose and args.dose not in {k for r in runs for k in r.settings}:
         raise UserError(f"{exp}: no setting '{args.dose}' in the runs' flags; name a flag as the JSON's config "
                         f"spells it, e.g. alpha, temperature, student_width")
@@ -461,9 +463,12 @@ def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> No
                 if method not in (args.baseline, "ce"):
                     diff_heatmap(runs, exp, method, args.baseline, metric, args.out, written)
         reference = R.REFERENCE_DOMINOES_ACC if args.reference and metric == "acc" else None
-        if "categories" in kinds and not categories(runs, exp, metric, args.out, written, reference):
-            print(f"{exp}: its test sets are not named as configurations, so cells have no category")
-            kinds.discard("categories")
+        if "categories" in kinds:
+            if not categories(runs, exp, metric, args.out, written, reference):
+                print(f"{exp}: its test sets are not named as configurations, so cells have no category")
+                kinds.discard("categories")
+            elif any(r["category"] == "other" for r in R.aggregate(runs, metric)):  # the 8-way split refines `other`
+                categories(runs, exp, metric, args.out, written, key="category8")
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -481,7 +486,9 @@ parser.add_argument("--methods", nargs="+", default=None,
 parser.add_argument("--baseline", default="kl", help="method subtracted in the difference heatmaps (default kl)")
 parser.add_argument("--dose", default=None, metavar="SETTING",
                     help="draw the dose-response in this swept setting (e.g. alpha; see analysis/grid.py --sweep)")
-parser.add_argument("--sets", nargs="+", default=None, help="test sets of the dose-response panels (default: all)")
+parser.add_argument("--sets", nargs="+", default=None,
+                    help="only these test sets, in every figure (default: all), e.g. I A B IA IB AB IAB for the seven "
+                         "configurations of the Dominoes grid, or IA I+rA for the dose-response panels")
 parser.add_argument("--keep-flagged", action="store_true",
                     help="draw runs the scripts flagged (e.g. a student below --student-min-fit) instead of leaving "
                          "them out: in a dose-response, a weight that breaks the fit is part of the answer")

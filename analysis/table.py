@@ -102,6 +102,13 @@ parser.add_argument("--reference", action="store_true",
 parser.add_argument("--format", choices=("md", "text", "csv"), default="md", help="output format (default md)")
 parser.add_argument("--no-ci", action="store_true", help="leave the confidence intervals out")
 parser.add_argument("--experiment", default=None, help="only this experiment (default: every one, one table each)")
+parser.add_argument("--sets", nargs="+", default=None,
+                    help="only these test sets, e.g. the seven configurations I A B IA IB AB IAB of the Dominoes grid "
+                         "(default: all; a randomised set such as I+rA counts in the categories as the mechanisms "
+                         "that carry its label)")
+parser.add_argument("--keep-flagged", action="store_true",
+                    help="count runs the scripts flagged (e.g. a student below --student-min-fit) instead of leaving "
+                         "them out")
 
 
 def main() -> None:
@@ -109,9 +116,9 @@ def main() -> None:
     if args.reference and (args.metric != "acc" or args.by != "category"):
         raise UserError("--reference compares the student's accuracy per 5-way category: use it with --metric acc "
                         "--by category")
-    runs, exps = R.load_for_cli(args.results, args.experiment)
+    runs, exps = R.load_for_cli(args.results, args.experiment, keep_flagged=args.keep_flagged)
     for exp in exps:
-        exp_runs = R.select(runs, experiment=exp)
+        exp_runs = R.only_sets(R.select(runs, experiment=exp), args.sets)
         if args.metric not in R.metrics(exp_runs):
             raise UserError(f"{exp} has no metric '{args.metric}'; it has {', '.join(R.metrics(exp_runs))}")
         rows = R.aggregate(exp_runs, args.metric)

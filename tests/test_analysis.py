@@ -363,6 +363,42 @@ def test_tables_markdown_by_cell_and_category(tmp_path, cli):
     assert r.returncode == 2 and "--metric acc --by category" in r.stderr
 
 
+def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
+    grid_results(tmp_path)  # test sets I, A and I+rA; I+rA counts as I (its label-carrying mechanism)
+    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv", "--sets", "I", "A")
+    assert r.returncode == 0, r.stderr
+    sim = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
+    # kl's similarity cells: K = I in (I,I), (IA,I), (I,IA), (IA,IA) at 0.55; K = A in (IA,IA), (A,IA) at 0.275
+    assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-1] == "6"
+    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv")
+    sim_all = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
+    assert sim_all[-1] == "10"  # plus the four I+rA cells
+    r = cli("table.py", tmp_path, "--sets", "I", "AB")
+    assert r.returncode == 2 and "no test set AB" in r.stderr and "Traceback" not in r.stderr
+    runs = R.only_sets(R.load_results(str(tmp_path)), ["A"])
+    assert all(set(r.student_eval) == {"A"} and all(set(m) <= {"A"} for _, m in r.curves) for r in runs)
+
+
+@pytest.mark.slow
+def test_figures_sets_and_the_8_way_categories_figure(tmp_path, monkeypatch):
+    grid_results(tmp_path / "r")
+    panels = {}
+    real_save = figures.save
+
+    def keep(fig, path, written):
+        panels[os.path.basename(path)] = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        real_save(fig, path, written)
+    monkeypatch.setattr(figures, "save", keep)
+    os.makedirs(tmp_path / "f")
+    runs = R.load_results(str(tmp_path / "r"))
+    figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "heatmap", "categories",
+                                                     "--metrics", "acc", "--sets", "I", "A"), [])
+    assert panels["toy_heatmap_acc_kl.png"] == ["test set I", "test set A"]  # I+rA left out
+    assert "toy_categories_acc.png" in panels and "toy_categories8_acc.png" in panels  # (IA, I, IA) is `other`
+    with pytest.raises(figures.UserError, match="no test set B"):
+        figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--sets", "B"), [])
+
+
 # ----------------------------------------------------------------------------- grid runner: cells
 
 def test_all_configs_and_cell_order():
