@@ -289,15 +289,15 @@ def curves(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: lis
 
 # ----------------------------------------------------------------------------- 4. categories
 
-def categories(runs: list[R.Run], exp: str, metric: str, out: str, written: list[str],
+def categories(cell_rows: list[dict], exp: str, metric: str, out: str, written: list[str],
                reference: Optional[dict] = None, key: str = "category") -> bool:
-    """Every cell placed by its category (`key`: the 5-way "category" or the 8-way "category8"), one
-    point per cell and loss; `reference` ({loss: {category: value}}) adds another implementation's
-    category means as black markers beside the loss's own."""
-    rows = [r for r in R.aggregate(runs, metric) if r[key] is not None]
+    """Every cell of `cell_rows` (R.aggregate's rows) placed by its category (`key`: the 5-way
+    "category" or the 8-way "category8"), one point per cell and loss; `reference` ({loss: {category:
+    value}}) adds another implementation's category means as black markers beside the loss's own."""
+    rows = [r for r in cell_rows if r[key] is not None]
     if not rows:
         return False
-    methods = [m for m in R.methods(runs) if any(r["method"] == m for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))  # aggregate's order: ce, kl, jacobian, contrastive
     present = [c for c in (R.CATEGORIES8 if key == "category8" else R.CATEGORIES) if any(r[key] == c for r in rows)]
     fig, ax = plt.subplots(figsize=((1.9 if key == "category" else 1.5) * len(present) + 2.5, 4.0), dpi=100)
     width = 0.8 / len(methods)
@@ -464,11 +464,12 @@ def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> No
                     diff_heatmap(runs, exp, method, args.baseline, metric, args.out, written)
         reference = R.REFERENCE_DOMINOES_ACC if args.reference and metric == "acc" else None
         if "categories" in kinds:
-            if not categories(runs, exp, metric, args.out, written, reference):
+            rows = R.aggregate(runs, metric)
+            if not categories(rows, exp, metric, args.out, written, reference):
                 print(f"{exp}: its test sets are not named as configurations, so cells have no category")
                 kinds.discard("categories")
-            elif any(r["category"] == "other" for r in R.aggregate(runs, metric)):  # the 8-way split refines `other`
-                categories(runs, exp, metric, args.out, written, key="category8")
+            elif any(r["category"] == "other" for r in rows):  # the 8-way split refines `other`
+                categories(rows, exp, metric, args.out, written, key="category8")
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,

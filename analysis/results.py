@@ -305,16 +305,19 @@ def load_for_cli(folder: str, experiment: Optional[str], keep_flagged: bool = Fa
         exps = [experiment]
     return runs, exps
 
+
 def only_sets(runs: list[Run], sets: Optional[list[str]]) -> list[Run]:
     """The runs with their metrics and curves limited to the test sets `sets` (all when None), e.g.
     the seven plain configurations of the Dominoes grid without its randomised sets (I+rA, ...),
     which would otherwise count in the categories as their label-carrying mechanisms."""
     if not sets:
         return runs
-    unknown = [s for s in sets if s not in test_sets(runs)]
+    present = test_sets(runs)
+    unknown = [s for s in sets if s not in present]
     if unknown:
-        raise UserError(f"no test set {', '.join(unknown)} in these results; they have {', '.join(test_sets(runs))}")
-    keep = lambda d: {k: v for k, v in d.items() if k in sets}  # noqa: E731
+        raise UserError(f"no test set {', '.join(unknown)} in these results; they have {', '.join(present)}")
+    def keep(per_set: dict) -> dict:
+        return {k: v for k, v in per_set.items() if k in sets}
     return [replace(r, student_eval=keep(r.student_eval), teacher_eval=keep(r.teacher_eval),
                     curves=[(step, keep(m)) for step, m in r.curves]) for r in runs]
 
