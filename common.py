@@ -1,88 +1,124 @@
-"""What every experiment shares: data as tensors, configurations, models, losses, metrics and the
-training loops, with the two settings dataclasses that say how a teacher is trained and how a
-student is distilled.
+"""What every experiment shares: the settings of teacher and student, data as tensors,
+configurations, models, losses, metrics and the training loops.
 
 Each `exp_*.py` script builds its own spurious data set as tensors and calls into this file for
-the science. The machinery around a run (flags, devices, the teacher cache, result files) lives in
-`harness.py`, so that this file reads as the method alone. `README.md` defines the vocabulary
-(mechanisms I/A/B, configurations such as `I+rA`, counterfactual test sets).
+the science. The machinery around a run (the command line, devices, the teacher cache, result
+files) lives in `harness.py`, so that this file reads as the method alone. `README.md` defines the
+vocabulary (mechanisms I/A/B, configurations such as `I+rA`, counterfactual test sets).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-LOSSES = ("ce", "kl", "jacobian", "contrastive")
 JACOBIAN_METHODS = ("auto", "explicit", "loop", "batched", "vmap")
-TEST_SEED = 12345  # the counterfactual test sets are drawn with this seed: the same sets for every --seed
+TEST_SEED = 12345  # the test sets are drawn with this seed: the same sets for every --seed
 
-
-# ----------------------------------------------------------------------------- settings
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    """How a teacher is trained: cross-entropy, SGD with Nesterov momentum (or Adam, which uses
-    neither `momentum` nor `weight_decay`), cosine decay of the learning rate from `lr` to
-    `lr * min_lr_frac`. All of it is part of the teacher cache's key."""
-    arch: str = "cnn"
-    width: int = 32
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    min_lr_frac: float = 0.01
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How a student is distilled. `loss`: ce (labels only), kl (Hinton's KL to the teacher's
-    softened outputs, times T^2 when `t2_scale`), jacobian ((1 - alpha) KL + alpha Jacobian
-    distance), contrastive ((1 - alpha) KL + alpha InfoNCE). Inside a mixture the KL term carries
-    no T^2 unless `mixture_t2`: with T = 4 that factor would weigh KL 16 times more than `alpha`
-    says, and the other term would never steer the student. Adam (no weight decay) with cosine
-    decay from `lr` to `lr * min_lr_frac`: the losses differ in scale by orders of magnitude, and
-    Adam's step size does not. The student is built from `arch`, `width` and `seed + 1`; its
-    batches and random projections come from `seed`."""
-    loss: str = "kl"
-    arch: str = "cnn"
-    width: int = 16
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 1e-3
-    min_lr_frac: float = 0.01
-    alpha: float = 0.5                 # weight of the jacobian or contrastive term (unused by ce and kl)
-    temperature: float = 4.0
-    t2_scale: bool = True              # plain KL times T^2 (Hinton)
-    mixture_t2: bool = False           # a mixture's KL term times T^2 as well (this project's default before)
-    jacobian_method: str = "auto"      # auto: the fastest measured for the device and model
-    jacobian_estimator: str = "exact"  # exact: all classes, or the teacher's top_k; projection: random directions
-    projections: int = 1
-    top_k: Optional[int] = None
-    contrastive_temperature: float = 0.1
-    contrastive_dim: int = 128
-    contrastive_negatives: str = "batch"  # batch: every other sample; same-class: only those of its label;
-                                          # dataset: the batch plus up to contrastive_bank other training samples
-    contrastive_bank: int = 4096
-    eval_every: int = 60               # steps between two points of the curves (0: none)
-    seed: int = 0
-
-
-# ----------------------------------------------------------------------------- errors, seeds, configurations
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file): printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------- settings
+# Each setting is declared once, as a field of TeacherSettings or DistillSettings: its default,
+# its help text, its check and, where it is not --NAME (student) or --teacher-NAME (teacher), its
+# flag. harness.py derives the command line from these fields; the result JSON stores them.
+
+def setting(default, help: str, *, check: Optional[str] = None, choices: tuple = (),
+            flag: Optional[str] = None, per_loss: bool = False, bookkeeping: bool = False):
+    """A settings field. `check`: 'positive' (finite, > 0), 'count' (an integer >= 1) or
+    'fraction' (in [0, 1]), skipped for None. `flag`: its command-line flag, '' for none.
+    `per_loss`: only some losses read it, so runs of different losses may differ in it.
+    `bookkeeping`: it changes how a run computes, not what it trains (analysis ignores it)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices,
+                                            "flag": flag, "per_loss": per_loss,
+                                            "bookkeeping": bookkeeping})
+
+
+CHECKS = {"positive": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+          "count": (lambda v: v >= 1, "at least 1"),
+          "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How a teacher is trained: cross-entropy, SGD with Nesterov momentum or Adam (which uses
+    neither momentum nor weight decay), cosine decay of the learning rate from `lr` to
+    `lr * min_lr_frac`. All of it is part of the teacher cache's key."""
+    arch: str = setting("cnn", "architecture of the teacher, and of the student unless "
+                        "--student-arch: cnn (small CNN with global pooling), lenet (a fully "
+                        "connected head, no global pooling), resnet18", flag="--arch")
+    width: int = setting(32, "channels of the teacher's first block", check="count")
+    steps: int = setting(1500, "teacher training steps", check="count")
+    batch_size: int = setting(64, "teacher batch size", check="count")
+    lr: float = setting(0.05, "teacher's peak learning rate", check="positive")
+    optimizer: str = setting("sgd", "sgd (Nesterov momentum) or adam", choices=("sgd", "adam"))
+    momentum: float = setting(0.9, "SGD momentum", check="fraction")
+    weight_decay: float = setting(5e-4, "SGD weight decay", check="fraction")
+    min_lr_frac: float = setting(0.01, "final learning rate / peak", check="fraction")
+    seed: int = setting(0, "initialisation and batch order (set by --seed)", flag="")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How a student is distilled with one of LOSSES. Adam (no weight decay) with cosine decay from
+    `lr` to `lr * min_lr_frac`: the losses differ in scale by orders of magnitude, Adam's step size
+    does not. The student is built from `arch`, `width` and `seed + 1`; its batches and random
+    projections come from `seed`."""
+    loss: str = setting("kl", "ce: labels only (no teacher); kl: KL to the teacher's softened "
+                        "outputs; jacobian: (1-alpha) KL + alpha Jacobian matching; contrastive: "
+                        "(1-alpha) KL + alpha InfoNCE", choices=("ce", "kl", "jacobian",
+                                                                  "contrastive"))
+    arch: Optional[str] = setting(None, "the student's architecture when it differs from the "
+                                  "teacher's", flag="--student-arch")
+    width: int = setting(16, "channels of the student's first block", check="count",
+                         flag="--student-width")
+    steps: int = setting(600, "student training steps", check="count")
+    batch_size: int = setting(64, "student batch size", check="count")
+    lr: float = setting(1e-3, "student's peak learning rate (Adam)", check="positive")
+    min_lr_frac: float = setting(0.01, "final learning rate / peak", check="fraction",
+                                 flag="--min-lr-frac")
+    alpha: Optional[float] = setting(None, "weight of the Jacobian or contrastive term (default: "
+                                     "the script's ALPHA for the loss)", check="fraction",
+                                     per_loss=True)
+    temperature: float = setting(4.0, "KL distillation temperature T", check="positive",
+                                 per_loss=True)
+    t2: bool = setting(True, "plain KL times Hinton's factor T^2", per_loss=True)
+    mixture_t2: bool = setting(False, "a jacobian or contrastive mixture's KL term times T^2 "
+                               "too (off: it would weigh KL T^2 times more than alpha says)",
+                               per_loss=True)
+    jacobian_method: str = setting("auto", "how exact Jacobians are computed; auto: the fastest "
+                                   "measured", choices=JACOBIAN_METHODS, bookkeeping=True)
+    jacobian_estimator: str = setting("exact", "exact: all classes (or --top-k); projection: "
+                                      "--projections random projections of the logits",
+                                      choices=("exact", "projection"), per_loss=True)
+    projections: int = setting(1, "K for --jacobian-estimator projection", check="count",
+                               per_loss=True)
+    top_k: Optional[int] = setting(None, "match only the teacher's top-k classes' Jacobian rows",
+                                   check="count", per_loss=True)
+    contrastive_temperature: float = setting(0.1, "InfoNCE temperature", check="positive",
+                                             per_loss=True)
+    contrastive_dim: int = setting(128, "dimension of the contrastive heads", check="count",
+                                   per_loss=True)
+    contrastive_negatives: str = setting(
+        "batch", "InfoNCE negatives: every other sample of the batch; only those of the same "
+        "label; or the batch plus up to --contrastive-bank other training samples (the "
+        "teacher's features, precomputed)", choices=("batch", "same-class", "dataset"),
+        per_loss=True)
+    contrastive_bank: int = setting(4096, "extra negatives with --contrastive-negatives dataset",
+                                    check="count", per_loss=True)
+    eval_every: Optional[int] = setting(None, "steps between two points of the curves "
+                                        "(default steps/10)", check="count", bookkeeping=True)
+    seed: int = setting(0, "batch order and projections (set by --seed)", flag="")
 
 
 def seed_everything(seed: int) -> None:
@@ -92,28 +128,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ----------------------------------------------------------------------------- data, configurations
+
 class TensorSet(NamedTuple):
-    """A data set held as tensors: images [N, C, H, W] in [0, 1], labels [N], optional groups [N]."""
+    """A data set as tensors: images [N, C, H, W] in [0, 1], labels [N], optional groups [N]."""
     x: torch.Tensor
     y: torch.Tensor
     group: Optional[torch.Tensor] = None
 
 
-def parse_config(spec: str, letters: str) -> dict[str, str]:
+def parse_config(spec: str, letters: Optional[str] = None) -> dict[str, str]:
     """Parse a configuration such as `IA`, `I+rA` or `rI+A` into {letter: label|random|absent}.
 
     Upper-case letters carry the label; a part starting with `r` lists randomised mechanisms
-    (present, drawn independently of the label); letters not named are absent.
+    (present, drawn independently of the label); the `letters` not named are absent. Without
+    `letters`, any upper-case letter is a mechanism (only those named are returned).
     """
-    roles = {letter: "absent" for letter in letters}
+    roles = {letter: "absent" for letter in letters or ""}
     for part in spec.split("+"):
         role, names = ("random", part[1:]) if part.startswith("r") else ("label", part)
         if not names:
             raise UserError(f"configuration '{spec}' has an empty part; write e.g. IA, I+rA or rI+A")
         for letter in names:
+            if letters is None and letter.isupper() and letter not in roles:
+                roles[letter] = "absent"
             if letter not in roles:
+                known = ", ".join(letters) if letters else "upper-case letters"
                 raise UserError(f"configuration '{spec}' names mechanism '{letter}', but this data "
-                                f"set has only {', '.join(letters)}")
+                                f"set has only {known}")
             if roles[letter] != "absent":
                 raise UserError(f"configuration '{spec}' names mechanism '{letter}' twice")
             roles[letter] = role
@@ -123,7 +165,8 @@ def parse_config(spec: str, letters: str) -> dict[str, str]:
     return roles
 
 
-def spurious_values(y: torch.Tensor, frac: float, num_values: int, generator: torch.Generator) -> torch.Tensor:
+def spurious_values(y: torch.Tensor, frac: float, num_values: int,
+                    generator: torch.Generator) -> torch.Tensor:
     """A cue that equals the label for exactly round(frac * N) samples (chosen at random) and takes
     one of the other values, uniformly, for the rest: P(cue == label) is exactly `frac`."""
     n = len(y)
@@ -146,7 +189,8 @@ class SequentialNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
-    def input_vjp(self, x: torch.Tensor, selectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def input_vjp(self, x: torch.Tensor,
+                  selectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and the rows selectors[k, b] . d logits_b / d x_b, [K, B, *x.shape[1:]],
         by a hand-written backward pass made of ordinary differentiable ops (ReLU masks,
         max_unpool2d, convolutions), one pass per row after a single forward pass.
@@ -163,25 +207,27 @@ class SequentialNet(nn.Module):
                 out, idx = F.max_pool2d(h, layer.kernel_size, layer.stride, return_indices=True)
                 tape.append((layer, h.shape, idx))
             elif isinstance(layer, nn.Conv2d):  # stride 1, 'same' padding: its transpose is the
-                out = layer(h)                   # convolution with the flipped, in/out-swapped kernel
+                out = layer(h)  # convolution with the flipped, in/out-swapped kernel
                 tape.append((layer, h.shape, layer.weight.transpose(0, 1).flip(2, 3).contiguous()))
             else:
                 out = layer(h)
-                tape.append((layer, h.shape, (out > 0).to(out.dtype) if isinstance(layer, nn.ReLU) else None))
+                mask = (out > 0).to(out.dtype) if isinstance(layer, nn.ReLU) else None
+                tape.append((layer, h.shape, mask))
             h = out
         logits = self.classifier(h)
         rows = []
-        for sel in selectors:  # per row, not all K rows in one batch: measured faster on CPU for K = 10
+        for sel in selectors:  # per row, not all K rows in one batch: faster on CPU for K = 10
             g = sel @ self.classifier.weight
             for layer, in_shape, saved in reversed(tape):
                 if isinstance(layer, nn.Flatten):
                     g = g.reshape(in_shape)
-                elif isinstance(layer, nn.AdaptiveAvgPool2d):  # output size 1: the mean over the map
+                elif isinstance(layer, nn.AdaptiveAvgPool2d):  # output size 1: the map's mean
                     g = g.expand(in_shape) / (in_shape[2] * in_shape[3])
                 elif isinstance(layer, nn.ReLU):
                     g = g * saved
                 elif isinstance(layer, nn.MaxPool2d):
-                    g = F.max_unpool2d(g, saved, layer.kernel_size, layer.stride, output_size=in_shape[2:])
+                    g = F.max_unpool2d(g, saved, layer.kernel_size, layer.stride,
+                                       output_size=in_shape[2:])
                 elif isinstance(layer, nn.Linear):
                     g = g @ layer.weight
                 else:
@@ -202,8 +248,8 @@ class SmallCNN(SequentialNet):
     """Three conv blocks and global average pooling; `width` sets the size (teacher > student).
 
     He-normal init: with torch's default the pooled features barely vary between natural-looking
-    images (about 1e-3), so a local shape cue is not learned at all while a global one (a colour) is.
-    """
+    images (about 1e-3), so a local shape cue is not learned at all while a global one (a colour)
+    is."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
         super().__init__()
@@ -223,8 +269,7 @@ class SmallCNN(SequentialNet):
 class LeNet(SequentialNet):
     """LeNet-style: two 5x5 conv + max-pool blocks, then a fully connected layer on the flattened
     map. No global pooling: its head sees where things are in the image, a different inductive
-    bias from SmallCNN's, which averages its last map over all positions. `input_size` (H, W)
-    sets the flattened size."""
+    bias from SmallCNN's. `input_size` (H, W) sets the flattened size."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16,
                  input_size: tuple[int, int] = (28, 28)):
@@ -249,7 +294,8 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -312,7 +358,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class ContrastiveHeads(nn.Module):
-    """Linear projections of student and teacher features to a shared space (trained with the student)."""
+    """Linear projections of student and teacher features to a shared space, trained with the
+    student."""
 
     def __init__(self, student_dim: int, teacher_dim: int, dim: int = 128):
         super().__init__()
@@ -320,19 +367,20 @@ class ContrastiveHeads(nn.Module):
         self.teacher = nn.Linear(teacher_dim, dim)
 
 
-# ----------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------- loss terms
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
-          t2_scale: bool = True) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)), batch mean, times T^2 when `t2_scale` (Hinton's convention)."""
+          t2: bool = True) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), batch mean, times T^2 when `t2` (Hinton's convention)."""
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
-    return kl * temperature ** 2 if t2_scale else kl
+    return kl * temperature ** 2 if t2 else kl
 
 
-def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor, heads: ContrastiveHeads,
-             temperature: float = 0.1, labels: Optional[torch.Tensor] = None,
+def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor,
+             heads: ContrastiveHeads, temperature: float = 0.1,
+             labels: Optional[torch.Tensor] = None,
              bank_features: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In-batch InfoNCE (CRD without the memory bank): the positive of student sample i is teacher
     sample i, every other sample of the batch is a negative; symmetric in the two directions.
@@ -356,15 +404,14 @@ def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor, hea
     if bank_features is not None:
         zb = F.normalize(heads.teacher(bank_features), dim=1)
         student_to_teacher = torch.cat([logits, zs @ zb.t() / temperature], 1)
-    return 0.5 * (F.cross_entropy(student_to_teacher, target) + F.cross_entropy(logits.t(), target))
+    return 0.5 * (F.cross_entropy(student_to_teacher, target)
+                  + F.cross_entropy(logits.t(), target))
 
 
 def class_selectors(num_classes: int, batch: int, device: torch.device,
                     classes: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rows of the Jacobian to compute, as vectors over classes: [K, B, C].
-
-    All classes (K = C) by default, or per-sample classes `classes` [B, K] (the teacher's top-k).
-    """
+    """Rows of the Jacobian to compute, as vectors over classes: [K, B, C]. All classes (K = C)
+    by default, or per-sample classes `classes` [B, K] (the teacher's top-k)."""
     if classes is None:
         eye = torch.eye(num_classes, device=device)
         return eye[:, None, :].expand(num_classes, batch, num_classes)
@@ -373,8 +420,8 @@ def class_selectors(num_classes: int, batch: int, device: torch.device,
 
 def projection_selectors(num_projections: int, batch: int, num_classes: int, device: torch.device,
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Random Gaussian directions over the classes, fresh per sample: [K, B, C], scaled by 1/sqrt(K)
-    so that E||V J||^2 = ||J||^2."""
+    """Random Gaussian directions over the classes, fresh per sample: [K, B, C], scaled by
+    1/sqrt(K) so that E||V J||^2 = ||J||^2."""
     v = torch.randn(num_projections, batch, num_classes, device=device, generator=generator)
     return v / math.sqrt(num_projections)
 
@@ -385,23 +432,25 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, c
 
     Row k of sample b is selectors[k, b] . d logits_b / d x_b. `loop` runs one backward pass per
     row; `batched` uses autograd's is_grads_batched; `vmap` uses torch.func; `explicit` the
-    model's own hand-written backward pass (SmallCNN.input_vjp); `auto` the fastest measured for
-    the model and device. With `create_graph` the rows stay differentiable with respect to the
-    model's parameters.
+    model's own hand-written backward pass (SequentialNet.input_vjp); `auto` the fastest measured
+    for the model and device. With `create_graph` the rows stay differentiable with respect to
+    the model's parameters.
     """
     if method == "auto":
         method = default_jacobian_method(x.device, model)
-    x = x.detach().requires_grad_(method != "explicit")  # explicit never differentiates with respect to x
+    x = x.detach().requires_grad_(method != "explicit")  # explicit never differentiates in x
     if method == "vmap":
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
-            raise UserError("--jacobian-method vmap cannot differentiate a model with BatchNorm in training "
-                            "mode (torch.func forbids the running-statistics update); use loop or batched")
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for m in model.modules()):
+            raise UserError("--jacobian-method vmap cannot differentiate a model with BatchNorm in "
+                            "training mode (torch.func forbids the running-statistics update); "
+                            "use loop or batched")
         logits, vjp_fn = torch.func.vjp(model, x)
         (rows,) = torch.func.vmap(vjp_fn)(selectors)
     elif method == "explicit":
         if not hasattr(model, "input_vjp"):
-            raise UserError(f"--jacobian-method explicit needs the small CNN or LeNet (--arch cnn or lenet), not "
-                            f"{type(model).__name__}; use loop or batched")
+            raise UserError(f"--jacobian-method explicit needs the small CNN or LeNet (--arch cnn "
+                            f"or lenet), not {type(model).__name__}; use loop or batched")
         with torch.set_grad_enabled(create_graph):
             logits, rows = model.input_vjp(x, selectors)
     else:
@@ -412,16 +461,20 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, c
                                               create_graph=create_graph, retain_graph=create_graph)
             elif method == "loop":
                 rows = torch.stack([torch.autograd.grad(logits, x, sel, create_graph=create_graph,
-                                                        retain_graph=True)[0] for sel in selectors])
+                                                        retain_graph=True)[0]
+                                    for sel in selectors])
             else:
-                raise UserError(f"unknown Jacobian method '{method}'; use {', '.join(JACOBIAN_METHODS)}")
+                raise UserError(f"unknown Jacobian method '{method}'; use "
+                                f"{', '.join(JACOBIAN_METHODS)}")
     if not create_graph:
         rows, logits = rows.detach(), logits.detach()
     return logits, rows.flatten(2).transpose(0, 1)
 
 
-def jacobian_distance(student_jac: torch.Tensor, teacher_jac: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Batch mean of || Jt/|Jt| - Js/|Js| ||_2, each sample's Jacobian flattened and L2-normalised."""
+def jacobian_distance(student_jac: torch.Tensor, teacher_jac: torch.Tensor,
+                      eps: float = 1e-8) -> torch.Tensor:
+    """Batch mean of || Jt/|Jt| - Js/|Js| ||_2, each sample's Jacobian flattened and
+    L2-normalised."""
     js = student_jac.flatten(1)
     jt = teacher_jac.flatten(1)
     js = js / (js.norm(dim=1, keepdim=True) + eps)
@@ -431,7 +484,8 @@ def jacobian_distance(student_jac: torch.Tensor, teacher_jac: torch.Tensor, eps:
 
 def default_jacobian_method(device: torch.device, model: Optional[nn.Module] = None) -> str:
     """The fastest exact method measured for the device (analysis/bench_losses.py): on a CPU the
-    small CNN's explicit backward pass, else one backward pass per class. CUDA: `batched`."""
+    hand-written backward pass where the model has one, else one backward pass per class;
+    `batched` on CUDA."""
     if device.type != "cpu":
         return "batched"
     return "explicit" if hasattr(model, "input_vjp") else "loop"
@@ -443,6 +497,122 @@ def top_classes(teacher_logits: torch.Tensor, top_k: Optional[int]) -> Optional[
     if top_k is None or top_k >= teacher_logits.shape[1]:
         return None
     return teacher_logits.topk(top_k, 1).indices
+
+
+# ----------------------------------------------------------------------------- losses
+
+class Batch(NamedTuple):
+    """What a loss sees at one step: the models, the teacher's precomputed `targets` on the
+    training set (teacher_targets), the batch (`idx` are its rows in the training set), the
+    settings, the loss's trained auxiliary module and the run's random generator."""
+    student: nn.Module
+    teacher: nn.Module
+    targets: dict
+    settings: DistillSettings
+    aux: Optional[nn.Module]
+    generator: Optional[torch.Generator]
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+
+def mixture_kl(b: Batch, student_logits: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The KL term of (1 - alpha) KL + alpha term: no T^2 unless `mixture_t2`."""
+    s = b.settings
+    return 1 - s.alpha, kd_kl(student_logits, b.targets["logits"][b.idx], s.temperature,
+                              s.mixture_t2)
+
+
+def ce_terms(b: Batch) -> dict:
+    return {"ce": (1.0, F.cross_entropy(b.student(b.x), b.y))}
+
+
+def kl_terms(b: Batch) -> dict:
+    s = b.settings
+    return {"kl": (1.0, kd_kl(b.student(b.x), b.targets["logits"][b.idx], s.temperature, s.t2))}
+
+
+def jacobian_terms(b: Batch) -> dict:
+    """Where the teacher's Jacobians did not fit in memory they are computed per batch."""
+    s, num_classes = b.settings, b.targets["logits"].shape[1]
+    if s.jacobian_estimator == "projection":
+        sel = projection_selectors(s.projections, len(b.x), num_classes, b.x.device, b.generator)
+    else:
+        top = top_classes(b.targets["logits"][b.idx], s.top_k)
+        sel = class_selectors(num_classes, len(b.x), b.x.device, top)
+    s_logits, s_jac = input_jacobian(b.student, b.x, sel, True, s.jacobian_method)
+    if "jacobian" not in b.targets:  # too large to precompute: run the teacher on this batch
+        t_jac = input_jacobian(b.teacher, b.x, sel, False, s.jacobian_method)[1]
+    elif s.jacobian_estimator == "projection":  # project the precomputed full Jacobian
+        t_jac = torch.einsum("kbc,bcd->bkd", sel, b.targets["jacobian"][b.idx])
+    else:
+        t_jac = b.targets["jacobian"][b.idx]
+    return {"kl": mixture_kl(b, s_logits), "jacobian": (s.alpha, jacobian_distance(s_jac, t_jac))}
+
+
+def contrastive_terms(b: Batch) -> dict:
+    s, features = b.settings, b.targets["features"]
+    student_features = b.student.features(b.x)
+    bank = None
+    if s.contrastive_negatives == "dataset":  # other training samples than the batch's
+        others = torch.ones(len(features), dtype=torch.bool, device=b.idx.device)
+        others[b.idx] = False
+        pool = others.nonzero().squeeze(1)
+        pick = torch.randperm(len(pool), generator=b.generator, device=pool.device)
+        bank = features[pool[pick[:s.contrastive_bank]]]
+    labels = b.y if s.contrastive_negatives == "same-class" else None
+    aux = info_nce(student_features, features[b.idx], b.aux, s.contrastive_temperature, labels,
+                   bank)
+    return {"kl": mixture_kl(b, b.student.classifier(student_features)), "infonce": (s.alpha, aux)}
+
+
+class Loss(NamedTuple):
+    """A loss in one place: its terms for one batch ({name: (weight, value)}), what it reads from
+    the teacher's precomputed targets on the training set, the default weight `alpha` of its own
+    term in (1 - alpha) KL + alpha term (None: no second term; a script's ALPHA overrides it for
+    its experiment), and the trained auxiliary module it builds from (student, teacher,
+    settings), if any."""
+    terms: Callable[[Batch], dict]
+    needs: tuple = ()  # of "logits", "features", "jacobian"
+    alpha: Optional[float] = None
+    aux: Optional[Callable[[nn.Module, nn.Module, DistillSettings], nn.Module]] = None
+
+
+LOSSES = {
+    "ce": Loss(ce_terms),
+    "kl": Loss(kl_terms, ("logits",)),
+    "jacobian": Loss(jacobian_terms, ("logits", "jacobian"), alpha=0.5),
+    "contrastive": Loss(contrastive_terms, ("logits", "features"), alpha=0.5,
+                        aux=lambda s, t, cfg: ContrastiveHeads(s.feature_dim, t.feature_dim,
+                                                               cfg.contrastive_dim)),
+}
+
+
+def with_alpha(settings: DistillSettings, alphas: Optional[dict] = None) -> DistillSettings:
+    """The settings with the weight their loss uses: none for ce and kl; for a mixture the given
+    alpha, else `alphas[loss]` (a script's ALPHA), else the loss's own default."""
+    default = LOSSES[settings.loss].alpha
+    if default is None:
+        return replace(settings, alpha=None)
+    if settings.alpha is None:
+        return replace(settings, alpha=(alphas or {}).get(settings.loss, default))
+    return settings
+
+
+def total_loss(terms: dict) -> torch.Tensor:
+    """weight_1 x value_1 + weight_2 x value_2 + ..., in the terms' order."""
+    weighted = [weight * value for weight, value in terms.values()]
+    return weighted[0] if len(weighted) == 1 else sum(weighted[1:], weighted[0])
+
+
+def term_grad_norms(terms: dict, params: list) -> dict[str, float]:
+    """The L2 norm of each weighted term's gradient with respect to `params` (the student's), which
+    says which term drives training; the graph is kept for the update that follows."""
+    norms = {}
+    for name, (weight, value) in terms.items():
+        grads = torch.autograd.grad(weight * value, params, retain_graph=True, allow_unused=True)
+        norms[name] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+    return norms
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -469,7 +639,7 @@ def group_accuracy(pred: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> 
 
 def pair_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
                  group: Optional[torch.Tensor] = None) -> dict:
-    """Student accuracy, KL(teacher || student) at T = 1 (mean over samples) and top-1 agreement."""
+    """Student accuracy, KL(teacher || student) at T = 1 (mean over samples), top-1 agreement."""
     s_pred, t_pred = student_logits.argmax(1), teacher_logits.argmax(1)
     kl = F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
                   log_target=True, reduction="batchmean")
@@ -477,12 +647,13 @@ def pair_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: 
            "agreement": (s_pred == t_pred).float().mean().item()}
     if group is not None:
         out.update(group_accuracy(s_pred, y, group))
-        out["group_agreement"] = {str(int(g)): (s_pred[group == g] == t_pred[group == g]).float().mean().item()
-                                  for g in torch.unique(group)}
+        out["group_agreement"] = {str(int(g)): (s_pred[group == g] == t_pred[group == g])
+                                  .float().mean().item() for g in torch.unique(group)}
     return out
 
 
-def teacher_metrics(teacher_logits: torch.Tensor, y: torch.Tensor, group: Optional[torch.Tensor] = None) -> dict:
+def teacher_metrics(teacher_logits: torch.Tensor, y: torch.Tensor,
+                    group: Optional[torch.Tensor] = None) -> dict:
     pred = teacher_logits.argmax(1)
     out = {"acc": (pred == y).float().mean().item()}
     if group is not None:
@@ -490,12 +661,12 @@ def teacher_metrics(teacher_logits: torch.Tensor, y: torch.Tensor, group: Option
     return out
 
 
-def evaluate_student(student: nn.Module, cf_sets: dict[str, TensorSet],
+def evaluate_student(student: nn.Module, test_sets: dict[str, TensorSet],
                      teacher_logits: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Student metrics on every named test set, against the teacher's (precomputed) logits."""
     return {name: pair_metrics(predict(student, s.x).cpu(), teacher_logits[name], s.y.cpu(),
                                None if s.group is None else s.group.cpu())
-            for name, s in cf_sets.items()}
+            for name, s in test_sets.items()}
 
 
 # ----------------------------------------------------------------------------- training
@@ -503,16 +674,6 @@ def evaluate_student(student: nn.Module, cf_sets: dict[str, TensorSet],
 def to_device(data: TensorSet, device: torch.device) -> TensorSet:
     """The whole data set on the device, once: batches are then index operations there."""
     return TensorSet(*(None if t is None else t.to(device) for t in data))
-
-
-def _progress(total: int, desc: str):
-    """A progress bar on a terminal; silent in logs (evaluation lines are printed instead)."""
-    try:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
-    except ImportError:  # tqdm is optional
-        return contextlib.nullcontext(type("NoBar", (), {"update": lambda *a: None,
-                                                         "set_postfix_str": lambda *a: None})())
 
 
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -529,35 +690,44 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
             step += 1
 
 
-def _optimizer(params, cfg, kind: str):
-    """SGD with Nesterov momentum or Adam, with cosine decay from cfg.lr to cfg.lr * cfg.min_lr_frac."""
+def _optimizer(params, settings, kind: str):
+    """SGD with Nesterov momentum or Adam, with cosine decay from lr to lr * min_lr_frac."""
     if kind == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr)
+        opt = torch.optim.Adam(params, lr=settings.lr)
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * cfg.min_lr_frac)
+        opt = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, nesterov=True,
+                              weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=max(settings.steps, 1), eta_min=settings.lr * settings.min_lr_frac)
     return opt, sched
 
 
 def _update(loss: torch.Tensor, opt, sched, step: int, what: str) -> None:
     """One optimiser step on `loss`, unless it is not finite: then stop the run with the fix."""
     if not torch.isfinite(loss):
-        raise UserError(f"the {what} loss became {loss.item()} at step {step}; no result was written. "
-                        f"Lower --lr or --alpha and run again")
+        raise UserError(f"the {what} loss became {loss.item()} at step {step}; no result was "
+                        f"written. Lower --lr or --alpha and run again")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     sched.step()
 
 
-def train_teacher(model: nn.Module, train: TensorSet, cfg: TeacherConfig, device: torch.device) -> nn.Module:
-    """Cross-entropy training as `cfg` says; returns the model frozen in eval mode."""
+def _progress(total: int, desc: str) -> tqdm:
+    """A progress bar on a terminal; silent in logs (evaluation lines are printed instead)."""
+    return tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
+
+
+def train_teacher(model: nn.Module, train: TensorSet, settings: TeacherSettings,
+                  device: torch.device) -> nn.Module:
+    """Cross-entropy training as `settings` say; returns the model frozen in eval mode."""
     model.to(device).train()
     train = to_device(train, device)
-    opt, sched = _optimizer(model.parameters(), cfg, cfg.optimizer)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with _progress(cfg.steps, "teacher") as bar:
-        for step, idx in enumerate(_batches(len(train.y), cfg.batch_size, cfg.steps, gen), 1):
+    opt, sched = _optimizer(model.parameters(), settings, settings.optimizer)
+    gen = torch.Generator().manual_seed(settings.seed)
+    with _progress(settings.steps, "teacher") as bar:
+        for step, idx in enumerate(_batches(len(train.y), settings.batch_size, settings.steps,
+                                            gen), 1):
             idx = idx.to(device)
             loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
             _update(loss, opt, sched, step, "teacher")
@@ -567,145 +737,99 @@ def train_teacher(model: nn.Module, train: TensorSet, cfg: TeacherConfig, device
     return freeze(model)
 
 
-def teacher_targets(teacher: nn.Module, x: torch.Tensor, *, need_jacobian: bool, top_k: Optional[int],
-                    method: str, batch_size: int = 256, max_bytes: float = 2e9) -> dict:
-    """Teacher logits, features and (when they fit in `max_bytes`) input Jacobians for a fixed
-    training set, computed once so that distillation never runs the teacher per step."""
+def teacher_targets(teacher: nn.Module, x: torch.Tensor, needs: tuple = ("logits", "features"),
+                    top_k: Optional[int] = None, method: str = "auto", batch_size: int = 256,
+                    max_bytes: float = 2e9) -> dict:
+    """The teacher's outputs that a loss `needs` on a fixed training set: logits, features and
+    (when they fit in `max_bytes`) input Jacobians, computed once so that distillation never runs
+    the teacher per step (logits are always computed: the Jacobian rows depend on them)."""
     device = next(teacher.parameters()).device
     out = {"logits": predict(teacher, x, batch_size)}
-    with torch.no_grad():
-        out["features"] = torch.cat([teacher.features(x[i:i + 1024].to(device)) for i in range(0, len(x), 1024)])
-    if need_jacobian:
-        num_classes = out["logits"].shape[1]
-        rows = num_classes if top_k is None else min(top_k, num_classes)
-        if len(x) * rows * x[0].numel() * 4 <= max_bytes:
-            jacs = []
-            for i in range(0, len(x), batch_size):
-                xb = x[i:i + batch_size].to(device)
-                sel = class_selectors(num_classes, len(xb), device, top_classes(out["logits"][i:i + batch_size], top_k))
-                jacs.append(input_jacobian(teacher, xb, sel, create_graph=False, method=method)[1])
-            out["jacobian"] = torch.cat(jacs)
+    if "features" in needs:
+        with torch.no_grad():
+            out["features"] = torch.cat([teacher.features(x[i:i + 1024].to(device))
+                                         for i in range(0, len(x), 1024)])
+    num_classes = out["logits"].shape[1]
+    rows = num_classes if top_k is None else min(top_k, num_classes)
+    if "jacobian" in needs and len(x) * rows * x[0].numel() * 4 <= max_bytes:
+        jacs = []
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)
+            top = top_classes(out["logits"][i:i + batch_size], top_k)
+            sel = class_selectors(num_classes, len(xb), device, top)
+            jacs.append(input_jacobian(teacher, xb, sel, create_graph=False, method=method)[1])
+        out["jacobian"] = torch.cat(jacs)
     return out
 
 
-def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict, cfg: DistillConfig,
-                           heads: Optional[ContrastiveHeads] = None,
+def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict,
+                           settings: DistillSettings, aux: Optional[nn.Module] = None,
                            generator: Optional[torch.Generator] = None) -> Callable[..., dict]:
-    """The loss of one batch as named terms: objective(x, y, idx) -> {name: (weight, value)}, e.g.
-    {"kl": (1 - alpha, KL), "jacobian": (alpha, distance)}; `total_loss` sums weight x value.
-
-    `targets` holds the teacher's precomputed outputs on the training set (teacher_targets);
-    `idx` are the batch's rows in it. Where the teacher's Jacobians did not fit in memory they
-    are computed per batch, without a graph.
-    """
-    def kl(s_logits, idx):
-        t2 = cfg.t2_scale if cfg.loss == "kl" else cfg.mixture_t2
-        return kd_kl(s_logits, targets["logits"][idx], cfg.temperature, t2)
+    """The loss of one batch as named terms: objective(x, y, idx) -> {name: (weight, value)},
+    e.g. {"kl": (1 - alpha, KL), "jacobian": (alpha, distance)}; `total_loss` sums them."""
+    terms, settings = LOSSES[settings.loss].terms, with_alpha(settings)
 
     def objective(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict:
-        if cfg.loss == "ce":
-            return {"ce": (1.0, F.cross_entropy(student(x), y))}
-        if cfg.loss == "kl":
-            return {"kl": (1.0, kl(student(x), idx))}
-        if cfg.loss == "contrastive":
-            feats = student.features(x)
-            bank = None
-            if cfg.contrastive_negatives == "dataset":  # other training samples than the batch's
-                others = torch.ones(len(targets["features"]), dtype=torch.bool, device=idx.device)
-                others[idx] = False
-                pool = others.nonzero().squeeze(1)
-                pick = torch.randperm(len(pool), generator=generator, device=pool.device)[:cfg.contrastive_bank]
-                bank = targets["features"][pool[pick]]
-            aux = info_nce(feats, targets["features"][idx], heads, cfg.contrastive_temperature,
-                           y if cfg.contrastive_negatives == "same-class" else None, bank)
-            return {"kl": (1 - cfg.alpha, kl(student.classifier(feats), idx)), "infonce": (cfg.alpha, aux)}
-        num_classes = targets["logits"].shape[1]
-        if cfg.jacobian_estimator == "projection":
-            sel = projection_selectors(cfg.projections, len(x), num_classes, x.device, generator)
-        else:
-            sel = class_selectors(num_classes, len(x), x.device, top_classes(targets["logits"][idx], cfg.top_k))
-        s_logits, s_jac = input_jacobian(student, x, sel, create_graph=True, method=cfg.jacobian_method)
-        if "jacobian" not in targets:  # too large to precompute: run the teacher on this batch
-            t_jac = input_jacobian(teacher, x, sel, create_graph=False, method=cfg.jacobian_method)[1]
-        elif cfg.jacobian_estimator == "projection":  # project the precomputed full Jacobian
-            t_jac = torch.einsum("kbc,bcd->bkd", sel, targets["jacobian"][idx])
-        else:
-            t_jac = targets["jacobian"][idx]
-        return {"kl": (1 - cfg.alpha, kl(s_logits, idx)), "jacobian": (cfg.alpha, jacobian_distance(s_jac, t_jac))}
-
+        return terms(Batch(student, teacher, targets, settings, aux, generator, x, y, idx))
     return objective
 
 
-def total_loss(terms: dict) -> torch.Tensor:
-    """weight_1 x value_1 + weight_2 x value_2 + ..., in the terms' order."""
-    weighted = [weight * value for weight, value in terms.values()]
-    return weighted[0] if len(weighted) == 1 else sum(weighted[1:], weighted[0])
-
-
-def term_grad_norms(terms: dict, params: list) -> dict[str, float]:
-    """The L2 norm of each weighted term's gradient with respect to `params` (the student's), which
-    says which term drives training; the graph is kept for the update that follows."""
-    norms = {}
-    for name, (weight, value) in terms.items():
-        grads = torch.autograd.grad(weight * value, params, retain_graph=True, allow_unused=True)
-        norms[name] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
-    return norms
-
-
-def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, cfg: DistillConfig, device: torch.device,
-            cf_sets: Optional[dict[str, TensorSet]] = None, log: Callable[[str], None] = print) -> dict:
-    """Train `student` against a frozen `teacher` on `train` as `cfg` says; returns the curves
-    (student metrics on `cf_sets` every cfg.eval_every steps), the contrastive heads, the teacher's
-    logits on `cf_sets` and timing. The teacher's outputs on the fixed training set are computed
-    once, before the first step; contrastive heads are trained with the student.
-    """
-    if cfg.loss not in LOSSES:
-        raise UserError(f"unknown loss '{cfg.loss}'; use one of {', '.join(LOSSES)}")
-    if cfg.jacobian_estimator not in ("exact", "projection"):
-        raise UserError(f"unknown Jacobian estimator '{cfg.jacobian_estimator}'; use exact or projection")
-    if cfg.contrastive_negatives not in ("batch", "same-class", "dataset"):
-        raise UserError(f"unknown contrastive negatives '{cfg.contrastive_negatives}'; use batch, same-class or dataset")
+def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, settings: DistillSettings,
+            device: torch.device, test_sets: Optional[dict[str, TensorSet]] = None,
+            log: Callable[[str], None] = print) -> dict:
+    """Train `student` against a frozen `teacher` on `train` as `settings` say; returns the curves
+    (student metrics on `test_sets` every settings.eval_every steps), the loss's trained auxiliary
+    module, the teacher's logits on `test_sets` and timing. The teacher's outputs on the fixed
+    training set are computed once, before the first step."""
+    if settings.loss not in LOSSES:
+        raise UserError(f"unknown loss '{settings.loss}'; use one of {', '.join(LOSSES)}")
+    loss, settings = LOSSES[settings.loss], with_alpha(settings)
     freeze(teacher.to(device))
     student.to(device).train()
     t_start = time.perf_counter()
     train = to_device(train, device)
     targets = {}
-    if cfg.loss != "ce":
-        targets = teacher_targets(teacher, train.x, need_jacobian=(cfg.loss == "jacobian"), method=cfg.jacobian_method,
-                                  top_k=None if cfg.jacobian_estimator == "projection" else cfg.top_k)
+    if loss.needs:
+        top_k = None if settings.jacobian_estimator == "projection" else settings.top_k
+        targets = teacher_targets(teacher, train.x, loss.needs, top_k, settings.jacobian_method)
     params = list(student.parameters())
-    heads = None
-    if cfg.loss == "contrastive":
-        heads = ContrastiveHeads(student.feature_dim, teacher.feature_dim, cfg.contrastive_dim).to(device)
-        params += list(heads.parameters())  # the heads are trained with the student
-    opt, sched = _optimizer(params, cfg, "adam")
-    objective = distillation_objective(student, teacher, targets, cfg, heads,
-                                       generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    teacher_logits = {name: predict(teacher, s.x).cpu() for name, s in (cf_sets or {}).items()}
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    aux = None
+    if loss.aux is not None:
+        aux = loss.aux(student, teacher, settings).to(device)
+        params += list(aux.parameters())  # trained with the student
+    opt, sched = _optimizer(params, settings, "adam")
+    objective = distillation_objective(student, teacher, targets, settings, aux,
+                                       torch.Generator(device=device).manual_seed(settings.seed))
+    teacher_logits = {name: predict(teacher, s.x).cpu() for name, s in (test_sets or {}).items()}
+    batch_gen = torch.Generator().manual_seed(settings.seed)
     curves: list[dict] = []
     t_prep = time.perf_counter() - t_start
     t_train = time.perf_counter()
-    with _progress(cfg.steps, f"student ({cfg.loss})") as bar:
-        for step, idx in enumerate(_batches(len(train.y), cfg.batch_size, cfg.steps, batch_gen), 1):
+    every = settings.eval_every or 0
+    with _progress(settings.steps, f"student ({settings.loss})") as bar:
+        for step, idx in enumerate(_batches(len(train.y), settings.batch_size, settings.steps,
+                                            batch_gen), 1):
             idx = idx.to(device)
             terms = objective(train.x[idx], train.y[idx], idx)
             total = total_loss(terms)
-            evaluate = cfg.eval_every and cf_sets and (step % cfg.eval_every == 0 or step == cfg.steps)
+            evaluate = every and test_sets and (step % every == 0 or step == settings.steps)
             if evaluate:  # each term's pull on the student, measured before this step's update
                 grad_norms = term_grad_norms(terms, list(student.parameters()))
             _update(total, opt, sched, step, "distillation")
             bar.update(1)
             if evaluate:
-                metrics = evaluate_student(student, cf_sets, teacher_logits)
+                metrics = evaluate_student(student, test_sets, teacher_logits)
                 curves.append({"step": step, "loss": total.item(), "eval": metrics,
-                               "terms": {n: {"weight": w, "value": v.item(), "grad_norm": grad_norms[n]}
+                               "terms": {n: {"weight": w, "value": v.item(),
+                                             "grad_norm": grad_norms[n]}
                                          for n, (w, v) in terms.items()}})
                 pulls = "  ".join(f"{n} {v.item():.4f} (x{w:g}, |grad| {grad_norms[n]:.2e})"
                                   for n, (w, v) in terms.items())
-                summary = "  ".join(f"{n} acc {m['acc']:.3f} agr {m['agreement']:.3f}" for n, m in metrics.items())
+                summary = "  ".join(f"{n} acc {m['acc']:.3f} agr {m['agreement']:.3f}"
+                                    for n, m in metrics.items())
                 log(f"  step {step:5d}  loss {total.item():.4f}  {pulls}\n             {summary}")
                 student.train()
     train_s = time.perf_counter() - t_train
-    return {"curves": curves, "heads": heads, "teacher_logits": teacher_logits,
-            "timing": {"prepare_s": t_prep, "train_s": train_s, "steps_per_s": cfg.steps / max(train_s, 1e-9)}}
+    return {"curves": curves, "aux": aux, "teacher_logits": teacher_logits,
+            "timing": {"prepare_s": t_prep, "train_s": train_s,
+                       "steps_per_s": settings.steps / max(train_s, 1e-9)}}

@@ -46,7 +46,6 @@ import argparse
 import math
 import os
 import pickle
-import time
 from typing import Optional
 
 import numpy as np
@@ -66,40 +65,49 @@ MANDELBROT_NOTE = ("--patch-pattern mandelbrot: the pattern encodes the class as
                    "patch takes both from a random class")
 
 # ----------------------------------------------------------------------------- settings
-# Everything that changes a result besides the data. The flags override the fields they name
-# (--teacher-steps, --lr, --alpha, ...); the result JSON stores both as the run used them.
-TEACHER = common.TeacherConfig(arch="cnn", width=16, steps=1500, batch_size=64, lr=0.03, optimizer="sgd",
-                               momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
-DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=8, steps=1000, batch_size=64, lr=0.01, min_lr_frac=0.01,
-                               temperature=4.0, t2_scale=True, mixture_t2=False, contrastive_temperature=0.1)
-# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the largest
-# that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md). Here none
-# did (the teacher never saw the patch, so following it costs accuracy on IA): the smallest swept.
+# How teacher and student are trained: the values that differ from common.TeacherSettings' and
+# common.DistillSettings' defaults. Every field is a flag (--teacher-steps, --lr, ...); the run
+# prints both settings and the result JSON stores them as the run used them.
+TEACHER = common.TeacherSettings(width=16, lr=0.03)
+DISTILL = common.DistillSettings(width=8, steps=1000, lr=0.01)
+# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the
+# largest that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
+# Here none did (the teacher never saw the patch, so following it costs accuracy on IA): the
+# smallest swept.
 ALPHA = {"jacobian": 0.3, "contrastive": 0.3}
 
 # ----------------------------------------------------------------------------- flags
 
-parser, g = harness.experiment_parser(__doc__, teacher_config="I", student_config="IA",
-                                      epilog="Configurations: upper-case letters carry the label, r marks randomised "
-                                             "mechanisms, e.g. IA, I+rA, rI+A, A; B needs --dominoes (IB, IAB, IA+rB).")
+parser, g = harness.experiment_parser(
+    __doc__, teacher_config="I", student_config="IA",
+    epilog="Configurations: upper-case letters carry the label, r marks randomised mechanisms, "
+           "e.g. IA, I+rA, rI+A, A; B needs --dominoes (IB, IAB, IA+rB).")
 g.add_argument("--spurious-frac", type=float, default=1.0,
-               help="fraction of training samples whose patch is the label's, where A carries the label (default 1.0)")
+               help="fraction of training samples whose patch is the label's, where A carries "
+                    "the label (default 1.0)")
 g.add_argument("--spurious-frac-b", type=float, default=1.0,
-               help="the same for the top item (B, with --dominoes): fraction whose item has the label's class (default 1.0)")
+               help="the same for the top item (B, with --dominoes): fraction whose item has "
+                    "the label's class (default 1.0)")
 g.add_argument("--patch-pattern", choices=("random", "mandelbrot"), default="random",
                help="random: uniform noise, only the position encodes the class (default); "
                     "mandelbrot: a per-class fractal crop, pattern and position encode the class")
-g.add_argument("--dominoes", action="store_true", help="stack a same-class grey item above each image (mechanism B), 3x64x32")
+g.add_argument("--dominoes", action="store_true",
+               help="stack a same-class grey item above each image (mechanism B), 3x64x32")
 g.add_argument("--data", choices=("shapes", "cifar10"), default="shapes",
-               help="shapes: generated offline (default); cifar10: torchvision's CIFAR-10 from --data-root")
+               help="shapes: generated offline (default); cifar10: torchvision's CIFAR-10 from "
+                    "--data-root")
 g.add_argument("--data-root", default=None,
-               help="folder holding cifar-10-batches-py/ (with --data cifar10) and FashionMNIST/ or MNIST/ (with --domino-data)")
-g.add_argument("--download", action="store_true", help="download CIFAR-10 / FashionMNIST / MNIST into --data-root if missing")
+               help="folder holding cifar-10-batches-py/ (with --data cifar10) and FashionMNIST/ "
+                    "or MNIST/ (with --domino-data)")
+g.add_argument("--download", action="store_true",
+               help="download CIFAR-10 / FashionMNIST / MNIST into --data-root if missing")
 g.add_argument("--domino-data", choices=("digits", "fashionmnist", "mnist"), default="digits",
-               help="items of the top half: scikit-learn's digits, offline (default), or torchvision's FashionMNIST / MNIST")
+               help="items of the top half: scikit-learn's digits, offline (default), or "
+                    "torchvision's FashionMNIST / MNIST")
 g.add_argument("--n-train", type=int, default=4000, help="training images (0 = all; default 4000)")
-g.add_argument("--n-test", type=int, default=1000, help="held-out images per test set (0 = all; default 1000)")
-harness.add_common_args(parser, TEACHER, DISTILL, ALPHA)
+g.add_argument("--n-test", type=int, default=1000,
+               help="held-out images per test set (0 = all; default 1000)")
+harness.add_settings_flags(parser, TEACHER, DISTILL, ALPHA)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -107,9 +115,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = harness.parse_common(parser, argv, ALPHA)
     if args.smoke:
         args.n_train, args.n_test = min(args.n_train or 300, 300), min(args.n_test or 100, 100)
-        args.batch_size = min(args.batch_size, 32)  # keeps a Jacobian smoke run short on a CPU
-    harness.check_fraction(args.spurious_frac, "--spurious-frac")
-    harness.check_fraction(args.spurious_frac_b, "--spurious-frac-b")
+        # short batches keep a Jacobian smoke run short on a CPU
+        args.batch_size, args.teacher_batch_size = min(args.batch_size, 32), min(
+            args.teacher_batch_size, 32)
+    harness.check_value(args.spurious_frac, "fraction", "--spurious-frac")
+    harness.check_value(args.spurious_frac_b, "fraction", "--spurious-frac-b")
     letters = "IAB" if args.dominoes else "IA"
     for flag, config in (("--teacher-config", args.teacher_config), ("--student-config", args.student_config)):
         try:
@@ -346,58 +356,53 @@ def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: floa
 
 def main():
     args = parse_args()
-    teacher_cfg, distill_cfg = harness.settings_from_flags(args, TEACHER, DISTILL)
-    device, out_path = harness.prepare_run(args, EXPERIMENT)
-    started = time.perf_counter()
+    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
 
     # ------------------------------------------------------------------------- data
-    train_x, train_y, test_x, test_y = load_images(args.data, args.data_root, args.download, args.n_train, args.n_test)
+    train_x, train_y, test_x, test_y = load_images(args.data, args.data_root, args.download,
+                                                   args.n_train, args.n_test)
     if args.n_train:
         train_x, train_y = train_x[:args.n_train], train_y[:args.n_train]
     if args.n_test:
         test_x, test_y = test_x[:args.n_test], test_y[:args.n_test]
     blank = train_x.mean((0, 2, 3))[:, None, None].expand(3, 32, 32)  # absent I: the mean colour
-    patterns = mandelbrot_patterns(train_x.shape[-1] // 4) if args.patch_pattern == "mandelbrot" else None
-    items = load_domino_items(args.domino_data, args.data_root, args.download) if args.dominoes else None
+    patterns = mandelbrot_patterns(train_x.shape[-1] // 4) if args.patch_pattern == "mandelbrot" \
+        else None
+    items = load_domino_items(args.domino_data, args.data_root, args.download) \
+        if args.dominoes else None
     train_items, test_items = (None, None) if items is None else (items[:2], items[2:])
-    fracs = (args.spurious_frac, args.spurious_frac_b)
+    look = (args.spurious_frac, args.spurious_frac_b, patterns, blank)
     gen = torch.Generator().manual_seed(args.seed)
-    teacher_train = render(train_x, train_y, args.teacher_config, *fracs, patterns, blank, train_items, gen)
-    student_train = render(train_x, train_y, args.student_config, *fracs, patterns, blank, train_items, gen)
+    teacher_train = render(train_x, train_y, args.teacher_config, *look, train_items, gen)
+    student_train = render(train_x, train_y, args.student_config, *look, train_items, gen)
     test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
     names = TEST_CONFIGS + (DOMINO_TEST_CONFIGS if args.dominoes else ())
-    cf_sets = {name: render(test_x, test_y, name, 1.0, 1.0, patterns, blank, test_items, test_gen) for name in names}
-    teacher_heldout, student_heldout = (render(test_x, test_y, config, *fracs, patterns, blank, test_items, test_gen)
+    test_sets = {name: render(test_x, test_y, name, 1.0, 1.0, patterns, blank, test_items,
+                              test_gen) for name in names}
+    teacher_heldout, student_heldout = (render(test_x, test_y, config, *look, test_items, test_gen)
                                         for config in (args.teacher_config, args.student_config))
-    image_size = tuple(student_train.x.shape[2:])  # (H, W), which LeNet's fully connected layer needs
+    image_size = tuple(student_train.x.shape[2:])  # (H, W): LeNet's fully connected layer needs it
     notes = [MANDELBROT_NOTE] if args.patch_pattern == "mandelbrot" else []
-    print(f"data: {args.data}{' + ' + args.domino_data + ' dominoes' if args.dominoes else ''}, patch {args.patch_pattern}, "
-          f"{len(train_y)} training images {tuple(teacher_train.x.shape[1:])}, test sets of {len(test_y)}; "
-          f"teacher on {args.teacher_config}, student on {args.student_config}")
+    print(f"data: {args.data}{' + ' + args.domino_data + ' dominoes' if args.dominoes else ''}, "
+          f"patch {args.patch_pattern}, {len(train_y)} training images "
+          f"{tuple(teacher_train.x.shape[1:])}, test sets of {len(test_y)}; teacher on "
+          f"{args.teacher_config}, student on {args.student_config}")
     for note in notes:
         print(f"note: {note}")
-    harness.print_settings(teacher_cfg, distill_cfg)
 
     # ------------------------------------------------------------------------- teacher
-    teacher, teacher_record = harness.get_teacher(
-        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width, image_size),
-        train=teacher_train, heldout=teacher_heldout,
-        data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
-                  "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
-                  "config": args.teacher_config, "spurious_frac": args.spurious_frac,
-                  "spurious_frac_b": args.spurious_frac_b, "patch_pattern": args.patch_pattern,
-                  "dominoes": args.dominoes, "domino_data": args.domino_data})
+    teacher = harness.get_teacher(run, lambda: common.build_model(
+        run.teacher.arch, 3, NUM_CLASSES, run.teacher.width, image_size), teacher_train,
+        teacher_heldout)
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(distill_cfg.seed + 1)
-    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width, image_size)
-    run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
+    common.seed_everything(run.student.seed + 1)
+    student = common.build_model(run.student.arch, 3, NUM_CLASSES, run.student.width, image_size)
+    distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
+                               test_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = harness.final_result(EXPERIMENT, args, device, (teacher_cfg, distill_cfg), teacher, student, cf_sets,
-                                  student_heldout, run, teacher_record, DATA_VERSION)
-    result["notes"] = notes
-    harness.save_result(out_path, result, started)
+    harness.finish(run, teacher, student, distilled, test_sets, student_heldout, notes=notes)
 
 
 if __name__ == "__main__":

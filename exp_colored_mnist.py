@@ -25,7 +25,6 @@ default, so it runs offline; real MNIST with `--data mnist --data-root DIR [--do
 import argparse
 import colorsys
 import os
-import time
 from typing import Optional
 
 import torch
@@ -34,37 +33,44 @@ import common
 import harness
 
 EXPERIMENT = "colored_mnist"
-DATA_VERSION = 1  # bump when the rendering changes (part of the teacher cache key and of every result)
+DATA_VERSION = 1  # bump when the rendering changes (part of the teacher cache key and every result)
 MECHANISMS = "IA"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
 NUM_CLASSES = 10
 
 # ----------------------------------------------------------------------------- settings
-# Everything that changes a result besides the data. The flags override the fields they name
-# (--teacher-steps, --lr, --alpha, ...); the result JSON stores both as the run used them.
-TEACHER = common.TeacherConfig(arch="cnn", width=32, steps=1500, batch_size=64, lr=0.05, optimizer="sgd",
-                               momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
-DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=16, steps=600, batch_size=64, lr=1e-3, min_lr_frac=0.01,
-                               temperature=4.0, t2_scale=True, mixture_t2=False, contrastive_temperature=0.1)
-# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the largest
-# that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
+# How teacher and student are trained: the values that differ from common.TeacherSettings' and
+# common.DistillSettings' defaults (here none). Every field is a flag (--teacher-steps, --lr, ...);
+# the run prints both settings and the result JSON stores them as the run used them.
+TEACHER = common.TeacherSettings()
+DISTILL = common.DistillSettings()
+# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the
+# largest that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
 ALPHA = {"jacobian": 0.7, "contrastive": 0.3}
 
 # ----------------------------------------------------------------------------- flags
 
-parser, g = harness.experiment_parser(__doc__, teacher_config="I+rA", student_config="IA",
-                                      epilog="Configurations: upper-case letters carry the label, r marks randomised "
-                                             "mechanisms, e.g. IA, I+rA, rI+A, A.")
+parser, g = harness.experiment_parser(
+    __doc__, teacher_config="I+rA", student_config="IA",
+    epilog="Configurations: upper-case letters carry the label, r marks randomised mechanisms, "
+           "e.g. IA, I+rA, rI+A, A.")
 g.add_argument("--spurious-frac", type=float, default=1.0,
-               help="fraction of training samples whose colour equals the label's colour, where A carries the label (default 1.0)")
+               help="fraction of training samples whose colour equals the label's colour, where "
+                    "A carries the label (default 1.0)")
 g.add_argument("--data", choices=("digits", "mnist"), default="digits",
-               help="digits: scikit-learn's digits, offline (default); mnist: torchvision MNIST from --data-root")
-g.add_argument("--data-root", default=None, help="folder holding torchvision's MNIST/ (with --data mnist)")
-g.add_argument("--download", action="store_true", help="download MNIST into --data-root if it is missing")
-g.add_argument("--n-train", type=int, default=0, help="use at most this many training digits (0 = all)")
-g.add_argument("--train-renders", type=int, default=2, help="coloured copies of each training digit (default 2)")
-g.add_argument("--test-renders", type=int, default=3, help="coloured copies of each test digit (default 3)")
-harness.add_common_args(parser, TEACHER, DISTILL, ALPHA)
+               help="digits: scikit-learn's digits, offline (default); mnist: torchvision MNIST "
+                    "from --data-root")
+g.add_argument("--data-root", default=None, help="folder holding torchvision's MNIST/ "
+                                                 "(with --data mnist)")
+g.add_argument("--download", action="store_true",
+               help="download MNIST into --data-root if it is missing")
+g.add_argument("--n-train", type=int, default=0,
+               help="use at most this many training digits (0 = all)")
+g.add_argument("--train-renders", type=int, default=2,
+               help="coloured copies of each training digit (default 2)")
+g.add_argument("--test-renders", type=int, default=3,
+               help="coloured copies of each test digit (default 3)")
+harness.add_settings_flags(parser, TEACHER, DISTILL, ALPHA)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -72,21 +78,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = harness.parse_common(parser, argv, ALPHA)
     if args.smoke:
         args.n_train, args.train_renders, args.test_renders = args.n_train or 300, 1, 1
-    harness.check_fraction(args.spurious_frac, "--spurious-frac")
+    harness.check_value(args.spurious_frac, "fraction", "--spurious-frac")
     for config in (args.teacher_config, args.student_config):
         common.parse_config(config, MECHANISMS)
     if min(args.train_renders, args.test_renders) < 1 or args.n_train < 0:
-        raise common.UserError("--train-renders and --test-renders must be at least 1, --n-train at least 0")
+        raise common.UserError("--train-renders and --test-renders must be at least 1, "
+                               "--n-train at least 0")
     if args.data == "mnist" and not args.data_root:
-        raise common.UserError("--data mnist needs --data-root DIR (the folder that holds MNIST/, or where to --download it)")
+        raise common.UserError("--data mnist needs --data-root DIR (the folder that holds "
+                               "MNIST/, or where to --download it)")
     if args.data == "mnist" and not os.path.isdir(args.data_root) and not args.download:
-        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of MNIST or add --download")
+        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a "
+                               f"copy of MNIST or add --download")
     return args
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_digits(data: str, root: Optional[str], download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits(data: str, root: Optional[str], download: bool) -> tuple[torch.Tensor, ...]:
     """Grey digits in [0, 1] as [N, 28, 28] with labels: (train_x, train_y, test_x, test_y)."""
     if data == "digits":
         return harness.sklearn_digits(28)
@@ -95,7 +104,8 @@ def load_digits(data: str, root: Optional[str], download: bool) -> tuple[torch.T
 
 def palette() -> torch.Tensor:
     """One saturated hue per class, [10, 3]."""
-    return torch.tensor([colorsys.hsv_to_rgb(k / NUM_CLASSES, 1.0, 1.0) for k in range(NUM_CLASSES)])
+    return torch.tensor([colorsys.hsv_to_rgb(k / NUM_CLASSES, 1.0, 1.0)
+                         for k in range(NUM_CLASSES)])
 
 
 def render(digits: torch.Tensor, labels: torch.Tensor, config: str, frac: float, renders: int,
@@ -104,7 +114,8 @@ def render(digits: torch.Tensor, labels: torch.Tensor, config: str, frac: float,
     roles = common.parse_config(config, MECHANISMS)
     idx = torch.arange(len(digits)).repeat(renders)
     n = len(idx)
-    y = labels[idx] if roles["I"] == "label" else torch.randint(NUM_CLASSES, (n,), generator=generator)
+    y = labels[idx] if roles["I"] == "label" else torch.randint(NUM_CLASSES, (n,),
+                                                                generator=generator)
     shape = digits[idx] if roles["I"] != "absent" else mean_digit.expand(n, -1, -1)
     colours = palette()
     if roles["A"] == "label":
@@ -120,45 +131,43 @@ def render(digits: torch.Tensor, labels: torch.Tensor, config: str, frac: float,
 
 def main():
     args = parse_args()
-    teacher_cfg, distill_cfg = harness.settings_from_flags(args, TEACHER, DISTILL)
-    device, out_path = harness.prepare_run(args, EXPERIMENT)
-    started = time.perf_counter()
+    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
 
     # ------------------------------------------------------------------------- data
     train_x, train_y, test_x, test_y = load_digits(args.data, args.data_root, args.download)
     if args.n_train:
         train_x, train_y = train_x[:args.n_train], train_y[:args.n_train]
-        test_x, test_y = test_x[:max(args.n_train // 3, 100)], test_y[:max(args.n_train // 3, 100)]
+        n_test = max(args.n_train // 3, 100)
+        test_x, test_y = test_x[:n_test], test_y[:n_test]
     mean_digit = train_x.mean(0)
+    frac, renders = args.spurious_frac, args.train_renders
     gen = torch.Generator().manual_seed(args.seed)
-    teacher_train = render(train_x, train_y, args.teacher_config, args.spurious_frac, args.train_renders, mean_digit, gen)
-    student_train = render(train_x, train_y, args.student_config, args.spurious_frac, args.train_renders, mean_digit, gen)
+    teacher_train = render(train_x, train_y, args.teacher_config, frac, renders, mean_digit, gen)
+    student_train = render(train_x, train_y, args.student_config, frac, renders, mean_digit, gen)
     test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
-    cf_sets = {name: render(test_x, test_y, name, 1.0, args.test_renders, mean_digit, test_gen) for name in TEST_CONFIGS}
-    teacher_heldout, student_heldout = (render(test_x, test_y, config, args.spurious_frac, 1, mean_digit, test_gen)
+    test_sets = {name: render(test_x, test_y, name, 1.0, args.test_renders, mean_digit, test_gen)
+                 for name in TEST_CONFIGS}
+    teacher_heldout, student_heldout = (render(test_x, test_y, config, frac, 1, mean_digit,
+                                               test_gen)
                                         for config in (args.teacher_config, args.student_config))
-    image_size = tuple(student_train.x.shape[2:])  # (H, W), which LeNet's fully connected layer needs
-    print(f"data: {args.data}, {len(train_y)} training digits x {args.train_renders}, "
-          f"test sets of {len(cf_sets['I'].y)}; teacher on {args.teacher_config}, student on {args.student_config}")
-    harness.print_settings(teacher_cfg, distill_cfg)
+    image_size = tuple(student_train.x.shape[2:])  # (H, W): LeNet's fully connected layer needs it
+    print(f"data: {args.data}, {len(train_y)} training digits x {renders}, test sets of "
+          f"{len(test_sets['I'].y)}; teacher on {args.teacher_config}, student on "
+          f"{args.student_config}")
 
     # ------------------------------------------------------------------------- teacher
-    teacher, teacher_record = harness.get_teacher(
-        args, teacher_cfg, device, build=lambda: common.build_model(teacher_cfg.arch, 3, NUM_CLASSES, teacher_cfg.width, image_size),
-        train=teacher_train, heldout=teacher_heldout,
-        data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
-                  "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
-                  "config": args.teacher_config, "spurious_frac": args.spurious_frac, "train_renders": args.train_renders})
+    teacher = harness.get_teacher(run, lambda: common.build_model(
+        run.teacher.arch, 3, NUM_CLASSES, run.teacher.width, image_size), teacher_train,
+        teacher_heldout)
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(distill_cfg.seed + 1)
-    student = common.build_model(distill_cfg.arch, 3, NUM_CLASSES, distill_cfg.width, image_size)
-    run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
+    common.seed_everything(run.student.seed + 1)
+    student = common.build_model(run.student.arch, 3, NUM_CLASSES, run.student.width, image_size)
+    distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
+                               test_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = harness.final_result(EXPERIMENT, args, device, (teacher_cfg, distill_cfg), teacher, student, cf_sets,
-                                  student_heldout, run, teacher_record, DATA_VERSION)
-    harness.save_result(out_path, result, started)
+    harness.finish(run, teacher, student, distilled, test_sets, student_heldout)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import argparse
 import csv
 import math
 import os
-import time
 from typing import Optional
 
 import torch
@@ -68,21 +67,24 @@ GROUP_NAMES = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/w
 METADATA_COLUMNS = ("img_filename", "y", "split", "place")
 
 # ----------------------------------------------------------------------------- settings
-# Everything that changes a result besides the data. The flags override the fields they name
-# (--teacher-steps, --lr, --alpha, ...); the result JSON stores both as the run used them.
-TEACHER = common.TeacherConfig(arch="cnn", width=32, steps=1000, batch_size=64, lr=0.02, optimizer="sgd",
-                               momentum=0.9, weight_decay=5e-4, min_lr_frac=0.01)
-DISTILL = common.DistillConfig(loss="kl", arch="cnn", width=8, steps=400, batch_size=64, lr=0.003, min_lr_frac=0.01,
-                               temperature=4.0, t2_scale=True, mixture_t2=False, contrastive_temperature=0.1)
-# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the largest
-# that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
+# How teacher and student are trained: the values that differ from common.TeacherSettings' and
+# common.DistillSettings' defaults. Every field is a flag (--teacher-steps, --lr, ...); the run
+# prints both settings and the result JSON stores them as the run used them.
+TEACHER = common.TeacherSettings(steps=1000, lr=0.02)
+DISTILL = common.DistillSettings(width=8, steps=400, lr=0.003)
+# The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the
+# largest that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
 ALPHA = {"jacobian": 0.9, "contrastive": 0.3}
+ARCHS = ("cnn", "lenet", "resnet18", "resnet50")
 
 # ----------------------------------------------------------------------------- flags
 
-parser, g = harness.experiment_parser(__doc__, teacher_config="I+rA", student_config="IA",
-                                      epilog="Configurations: IA (background matches the bird for --spurious-frac of "
-                                             "the images), I+rA (random background), I (neutral background), A (no bird).")
+parser, g = harness.experiment_parser(
+    __doc__, teacher_config="I+rA", student_config="IA",
+    epilog="Configurations: IA (background matches the bird for --spurious-frac of the images), "
+           "I+rA (random background), I (neutral background), A (no bird). --arch resnet18 and "
+           "resnet50 are torchvision's ImageNet ResNets (--teacher-width and --student-width do "
+           "not apply).")
 g.add_argument("--spurious-frac", type=float, default=None,
                help="fraction of training images whose background matches the bird, where A carries the label "
                     "(generated data only; default 0.95)")
@@ -97,10 +99,7 @@ g.add_argument("--n-test", type=int, default=None,
 g.add_argument("--image-size", type=int, default=32, help="images are SIZE x SIZE pixels (default 32)")
 g.add_argument("--pretrained", action="store_true",
                help="start teacher and student from torchvision's ImageNet weights (with --arch resnet18 or resnet50)")
-harness.add_common_args(parser, TEACHER, DISTILL, ALPHA, archs=("cnn", "lenet", "resnet18", "resnet50"),
-                        arch_help="cnn: common's small CNN (CPU-friendly, default); lenet: common's LeNet-style net "
-                                  "(no global pooling); resnet18 / resnet50: torchvision's ImageNet ResNets, as used on "
-                                  "the real data (--teacher-width and --student-width do not apply)")
+harness.add_settings_flags(parser, TEACHER, DISTILL, ALPHA, archs=ARCHS)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -129,8 +128,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         return args
     if args.data_root:
         raise common.UserError("--data-root is read only with --data waterbirds")
-    args.spurious_frac = harness.check_fraction(0.95 if args.spurious_frac is None else args.spurious_frac,
-                                                "--spurious-frac")
+    args.spurious_frac = harness.check_value(0.95 if args.spurious_frac is None else args.spurious_frac,
+                                             "fraction", "--spurious-frac")
     if (args.n_train is not None and args.n_train < 8) or (args.n_test is not None and args.n_test < 8):
         raise common.UserError("--n-train and --n-test must be at least 8 for the generated data")
     # a scene holds about 16 float channels (bird, mask, two backgrounds, composed images)
@@ -476,9 +475,7 @@ def build_model(arch: str, width: int, pretrained: bool, size: int) -> nn.Module
 
 def main():
     args = parse_args()
-    teacher_cfg, distill_cfg = harness.settings_from_flags(args, TEACHER, DISTILL)
-    device, out_path = harness.prepare_run(args, EXPERIMENT)
-    started = time.perf_counter()
+    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
 
     # ------------------------------------------------------------------------- data
     configs = (args.teacher_config, args.student_config)
@@ -486,43 +483,38 @@ def main():
     if args.data == "generated":
         scenes = Scenes(args.n_train or 4000, args.image_size, gen)
         trains = {c: training_set(scenes, c, args.spurious_frac, gen) for c in configs}
-        test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
+        test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same for every seed
         test_scenes = Scenes(args.n_test or 800, args.image_size, test_gen)
-        cf_sets = generated_test_sets(test_scenes, test_gen)
+        test_sets = generated_test_sets(test_scenes, test_gen)
         heldout = {c: training_set(test_scenes, c, args.spurious_frac, test_gen) for c in configs}
         del scenes, test_scenes
-    else:  # the real test split has only the sets that the real training configurations can have
-        trains, cf_sets = real_data(args.data_root, args.n_train, args.n_test, args.image_size, configs, gen)
-        heldout = cf_sets
+    else:  # the real test split has only the sets the real training configurations can have
+        trains, test_sets = real_data(args.data_root, args.n_train, args.n_test, args.image_size,
+                                      configs, gen)
+        heldout = test_sets
     teacher_train, student_train = trains[args.teacher_config], trains[args.student_config]
     teacher_heldout, student_heldout = heldout[args.teacher_config], heldout[args.student_config]
     frac = float("nan") if student_train.group is None else \
         (student_train.group % 2 == student_train.y).float().mean().item()
-    sizes = ", ".join(str(len(s.y)) for s in cf_sets.values())
-    print(f"data: {args.data}, {len(student_train.y)} training images of {args.image_size}x{args.image_size}, "
-          f"background = bird in {frac:.3f} of the student's; test sets of {sizes}; "
-          f"teacher on {args.teacher_config}, student on {args.student_config}")
-    harness.print_settings(teacher_cfg, distill_cfg)
+    sizes = ", ".join(str(len(s.y)) for s in test_sets.values())
+    print(f"data: {args.data}, {len(student_train.y)} training images of {args.image_size}x"
+          f"{args.image_size}, background = bird in {frac:.3f} of the student's; test sets of "
+          f"{sizes}; teacher on {args.teacher_config}, student on {args.student_config}")
 
     # ------------------------------------------------------------------------- teacher
-    teacher, teacher_record = harness.get_teacher(
-        args, teacher_cfg, device, build=lambda: build_model(teacher_cfg.arch, teacher_cfg.width, args.pretrained, args.image_size),
-        train=teacher_train, heldout=teacher_heldout,
-        data_key={"experiment": EXPERIMENT, "data": args.data, "data_version": DATA_VERSION,
-                  "data_root": os.path.abspath(args.data_root) if args.data_root else None, "n_train": args.n_train,
-                  "config": args.teacher_config, "spurious_frac": args.spurious_frac,
-                  "image_size": args.image_size, "pretrained": args.pretrained})
+    teacher = harness.get_teacher(run, lambda: build_model(
+        run.teacher.arch, run.teacher.width, args.pretrained, args.image_size), teacher_train,
+        teacher_heldout)
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(distill_cfg.seed + 1)
-    student = build_model(distill_cfg.arch, distill_cfg.width, args.pretrained, args.image_size)
-    run = common.distill(student, teacher, student_train, distill_cfg, device, cf_sets)
+    common.seed_everything(run.student.seed + 1)
+    student = build_model(run.student.arch, run.student.width, args.pretrained, args.image_size)
+    distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
+                               test_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    result = harness.final_result(EXPERIMENT, args, device, (teacher_cfg, distill_cfg), teacher, student, cf_sets,
-                                  student_heldout, run, teacher_record, DATA_VERSION)
-    result["groups"] = {str(g): name for g, name in enumerate(GROUP_NAMES)}
-    harness.save_result(out_path, result, started)
+    harness.finish(run, teacher, student, distilled, test_sets, student_heldout,
+                   groups={str(g): name for g, name in enumerate(GROUP_NAMES)})
 
 
 if __name__ == "__main__":

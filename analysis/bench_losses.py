@@ -72,17 +72,19 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
             loss, jac_method = "jacobian", method.split("-")[1]
         elif method.startswith("projection-"):
             loss, estimator, k = "jacobian", "projection", int(method.split("-")[1])
-        targets = {} if loss == "ce" else common.teacher_targets(  # setup, not timed: any exact method
-            teacher, data.x, need_jacobian=(loss == "jacobian" and jac_method != "naive"), top_k=None, method="auto")
-        heads = common.ContrastiveHeads(student.feature_dim, teacher.feature_dim).to(device) if loss == "contrastive" else None
-        params = list(student.parameters()) + (list(heads.parameters()) if heads else [])
+        settings = common.DistillSettings(loss=loss, jacobian_method=jac_method if jac_method != "naive"
+                                          else "auto", jacobian_estimator=estimator, projections=k)
+        spec = common.LOSSES[loss]
+        needs = ("logits",) if jac_method == "naive" else spec.needs
+        targets = common.teacher_targets(teacher, data.x, needs) if needs else {}  # setup, not timed
+        aux = spec.aux(student, teacher, settings).to(device) if spec.aux else None
+        params = list(student.parameters()) + (list(aux.parameters()) if aux else [])
         opt = torch.optim.Adam(params, lr=1e-4)
         if jac_method == "naive":
             objective = lambda x, y, idx: {"naive": (1.0, naive_reference_loss(  # noqa: E731
                 student, teacher, x, targets["logits"][idx], 0.5, 4.0))}
         else:
-            cfg = common.DistillConfig(loss=loss, jacobian_method=jac_method, jacobian_estimator=estimator, projections=k)
-            objective = common.distillation_objective(student, teacher, targets, cfg, heads,
+            objective = common.distillation_objective(student, teacher, targets, settings, aux,
                                                       generator=torch.Generator(device=device).manual_seed(0))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -142,7 +144,7 @@ def main():
     for r in rows:
         print(f"{r['model']:<10}{r['batch']:>6}  {r['method']:<18}{r['median_ms']:>10.1f}{r['iqr_ms']:>8.1f}"
               f"{r['x_kl']:>7.2f}{r['x_naive']:>8.2f}")
-    harness.write_result(out, {"device": name, "env": harness.environment(device), "config": vars(args), "rows": rows})
+    harness.write_result(out, {"device": name, "env": harness.environment(device), "args": vars(args), "rows": rows})
     print(f"result: {out}")
 
 

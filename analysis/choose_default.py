@@ -11,7 +11,7 @@ chosen for.
     python analysis/choose_default.py results/sweep_alpha_cm --setting alpha --tolerance 0.02 --measure agreement
 
 Runs are grouped by experiment, teacher and student configuration, and by loss plus any other
-setting that varies (e.g. mixture_t2); plain KL runs (at any value) are the reference. Runs flagged
+setting that varies (e.g. mixture_t2); plain KL runs (at any value) are the reference. Runs excluded
 for a poor fit count here (they are the ones the rule must see); runs with non-finite numbers do not.
 """
 from __future__ import annotations

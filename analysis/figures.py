@@ -365,7 +365,8 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
     order, xs, ticks, log = _dose_x(values)
     position = {json.dumps(v): x for v, x in zip(order, xs)}
     by_line = R.line_names(pair_runs, key)
-    lines = sorted(by_line, key=lambda m: (R.LOSSES.index(m.split(" ")[0]) if m.split(" ")[0] in R.LOSSES else 99, m))
+    losses = list(R.LOSSES)
+    lines = sorted(by_line, key=lambda m: (losses.index(m.split(" ")[0]) if m.split(" ")[0] in losses else 99, m))
     fig, axes = plt.subplots(len(metrics), len(sets), figsize=(max(4.2 * len(sets), 8), 3.2 * len(metrics) + 1.2),
                              dpi=100, squeeze=False)
     for row, metric in enumerate(metrics):
@@ -404,8 +405,8 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
     fig.legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", ncol=2, frameon=False)
     n = sorted({len(rs) for rs in R.group_cells(pair_runs).values()})
     fig.suptitle(f"{exp}: teacher {teacher}, student {student}; dose-response in {key}\n"
-                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds; flagged runs "
-                 f"{'kept' if any(r.flags for r in pair_runs) else 'left out'})",
+                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds; excluded runs "
+                 f"{'kept' if any(r.exclusions for r in pair_runs) else 'left out'})",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.025 * math.ceil(len(handles) / 2), 1, 1))
     save(fig, os.path.join(out, f"{exp}_dose_{safe(key)}_{safe(teacher)}_{safe(student)}.png"), written)
@@ -490,8 +491,8 @@ parser.add_argument("--dose", default=None, metavar="SETTING",
 parser.add_argument("--sets", nargs="+", default=None,
                     help="only these test sets, in every figure (default: all), e.g. I A B IA IB AB IAB for the seven "
                          "configurations of the Dominoes grid, or IA I+rA for the dose-response panels")
-parser.add_argument("--keep-flagged", action="store_true",
-                    help="draw runs the scripts flagged (e.g. a student below --student-min-fit) instead of leaving "
+parser.add_argument("--keep-excluded", action="store_true",
+                    help="draw runs the scripts excluded (e.g. a student below --student-min-fit) instead of leaving "
                          "them out: in a dose-response, a weight that breaks the fit is part of the answer")
 parser.add_argument("--reference", action="store_true",
                     help="mark the reference implementation's category means for the Dominoes grid (random patch) "
@@ -503,7 +504,7 @@ parser.add_argument("--error", choices=("std", "ci"), default="std",
 
 def main() -> None:
     args = parser.parse_args()
-    runs, exps = R.load_for_cli(args.results, args.experiment, keep_flagged=args.keep_flagged)
+    runs, exps = R.load_for_cli(args.results, args.experiment, keep_excluded=args.keep_excluded)
     if len(exps) > 1:
         print(f"{args.results} holds {len(exps)} experiments ({', '.join(exps)}): drawing each separately")
     try:

@@ -53,7 +53,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from common import LOSSES, UserError  # noqa: E402
 from harness import run_cli  # noqa: E402
-from analysis.results import CONFIG_RE  # noqa: E402
+from analysis.results import is_config  # noqa: E402
 
 COST_ORDER = ("jacobian", "contrastive", "kl", "ce")  # slowest first, so the pool ends on short cells
 
@@ -72,7 +72,7 @@ parser.add_argument("--mechanisms", default=None,
                          "configuration where a non-empty subset of them carries the label (I, A, IA)")
 parser.add_argument("--teachers", nargs="+", default=None, help="teacher configurations, e.g. I A IA I+rA")
 parser.add_argument("--students", nargs="+", default=None, help="student configurations")
-parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES, help="losses (default: all four)")
+parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES), help="losses (default: all four)")
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (default 0 1)")
 parser.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2,...",
                     help="also vary a script flag over these values, e.g. alpha=0.1,0.5,0.9 (repeatable: every "
@@ -579,7 +579,7 @@ def main() -> int:
     teachers = args.teachers or all_configs(args.mechanisms.upper())
     students = args.students or all_configs(args.mechanisms.upper())
     for config in teachers + students:
-        if not CONFIG_RE.match(config):
+        if not is_config(config):
             raise UserError(f"'{config}' is not a configuration; write e.g. I, IA, I+rA or rI+A")
     if args.workers is None:
         args.workers = default_workers(args.threads)

@@ -5,8 +5,9 @@ run is, which runs belong together, and how mean, spread and confidence interval
 
 A *cell* is (experiment, method, teacher configuration, student configuration); its runs differ
 only by seed. A run counts as a whole or not at all: one whose metrics (teacher, student or curves)
-hold a non-finite number or null, or whose `flags` list is non-empty (e.g. the student did not fit
-its distillation data), is skipped with a warning, so that every mean is over complete, trusted runs. The *method* is the loss, plus the settings that tell two variants of the same loss
+hold a non-finite number or null, or whose `exclusions` list is non-empty (e.g. the student did not
+fit its distillation data), is skipped with a warning, so that every mean is over complete, trusted
+runs. The *method* is the loss, plus the settings that tell two variants of the same loss
 apart when a folder holds both (e.g. `kl [temperature=1.0]` and `kl [temperature=4.0]`).
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from common import LOSSES, UserError, parse_config  # noqa: E402
+from harness import bookkeeping_args, per_loss_args  # noqa: E402
 
 CATEGORIES = ("similarity", "teacher", "student", "neither", "other")
 # The finer split: `other` cut into the four ways it arises (see category8).
@@ -38,11 +39,9 @@ REFERENCE_DOMINOES_ACC = {
     "jacobian": {"similarity": 0.896, "teacher": 0.173, "student": 0.293, "neither": 0.326, "other": 0.392},
 }
 CATEGORIES8 = ("similarity", "teacher", "teacher+shared", "student", "student+shared", "overlap", "unseen", "neither")
-# Flags that say where or how a run was executed, not what was trained: runs that differ only in
-# these (and the seed) are repeats of the same cell.
-BOOKKEEPING = {"seed", "out", "cache_dir", "retrain_teacher", "download", "data_root", "device", "smoke",
-               "eval_every", "jacobian_method", "teacher_config", "student_config", "loss"}
-CONFIG_RE = re.compile(r"^r?[A-Z]+(\+r?[A-Z]+)*$")
+# Arguments that say where or how a run was executed, not what was trained: runs that differ only
+# in these (and the seed) are repeats of the same cell.
+BOOKKEEPING = bookkeeping_args()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -62,7 +61,7 @@ class Run:
     curves: list = field(default_factory=list)  # [(step, {test set: {metric: value}})]
     method: str = ""
     nonfinite: list = field(default_factory=list)  # metric keys whose value is null, NaN or infinite
-    flags: list = field(default_factory=list)  # the script's reasons to distrust the run
+    exclusions: list = field(default_factory=list)  # the script's reasons to leave the run out
     fit: dict = field(default_factory=dict)  # the student on held-out data of its own configuration: acc, agreement
     grad_norms: list = field(default_factory=list)  # [(step, {loss term: norm of its weighted gradient})]
 
@@ -97,23 +96,24 @@ def parse_result(data, path: str = "") -> Run:
     """Check that `data` is a result of ours and flatten it; BadResult says what is wrong."""
     if not isinstance(data, dict):
         raise BadResult("not a JSON object")
-    missing = [k for k in ("experiment", "config", "student", "teacher") if k not in data]
+    missing = [k for k in ("experiment", "args", "student", "teacher") if k not in data]
     if missing:
-        raise BadResult(f"no {', '.join(missing)} key (not a result of an exp_*.py script)")
-    config = data["config"]
+        older = " (written by an older version: rerun it)" if "config" in data else ""
+        raise BadResult(f"no {', '.join(missing)} key{older or ' (not a result of an exp_*.py script)'}")
+    config = data["args"]
     if not isinstance(config, dict) or not isinstance(data["experiment"], str):
-        raise BadResult("'experiment' or 'config' has the wrong type")
+        raise BadResult("'experiment' or 'args' has the wrong type")
     for key in ("teacher_config", "student_config", "loss", "seed"):
         if key not in config:
-            raise BadResult(f"config has no '{key}'")
+            raise BadResult(f"args has no '{key}'")
     if not isinstance(config["seed"], int):
-        raise BadResult("config.seed is not an integer")
+        raise BadResult("args.seed is not an integer")
     student, teacher = data["student"], data["teacher"]
     if not isinstance(student, dict) or not isinstance(teacher, dict):
         raise BadResult("'student' or 'teacher' is not an object")
-    flags = data.get("flags", [])  # missing in files written before the scripts flagged runs
-    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-        raise BadResult("'flags' is not a list of strings")
+    exclusions = data.get("exclusions")
+    if not isinstance(exclusions, list) or not all(isinstance(f, str) for f in exclusions):
+        raise BadResult("'exclusions' is missing or not a list of strings")
     bad: list[str] = []
     s_eval = _eval_block(student.get("eval"), "student.eval", bad)
     t_eval = _eval_block(teacher.get("eval"), "teacher.eval", bad)
@@ -133,19 +133,19 @@ def parse_result(data, path: str = "") -> Run:
     settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
     fit = _flatten(student["fit"]) if isinstance(student.get("fit"), dict) else {}
     return Run(path, data["experiment"], str(config["teacher_config"]), str(config["student_config"]),
-               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves, nonfinite=bad, flags=flags,
+               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves, nonfinite=bad, exclusions=exclusions,
                fit=fit, grad_norms=grad_norms)
 
 
 def skip_reason(run: Run) -> str:
     """Why a run must not enter any mean ('' when it may): a null or non-finite metric (its other
-    numbers come from a diverged or broken run too) or a flag the script raised."""
+    numbers come from a diverged or broken run too) or an exclusion the script recorded."""
     reasons = []
     if run.nonfinite:
         more = f" and {len(run.nonfinite) - 3} more" if len(run.nonfinite) > 3 else ""
         reasons.append(f"null or non-finite {', '.join(run.nonfinite[:3])}{more}")
-    if run.flags:
-        reasons.append(f"flagged: {'; '.join(run.flags)}")
+    if run.exclusions:
+        reasons.append(f"excluded: {'; '.join(run.exclusions)}")
     return "; ".join(reasons)
 
 
@@ -189,21 +189,21 @@ def sweep_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def load_sweep(folder: str, setting: str) -> list[Run]:
-    """The runs of a sweep, flagged ones included (a weight that breaks the student's fit is part of
-    the answer); a UserError when none records `setting`."""
-    runs = load_results(folder, keep_flagged=True)
+    """The runs of a sweep, excluded ones included (a weight that breaks the student's fit is part
+    of the answer); a UserError when none records `setting`."""
+    runs = load_results(folder, keep_excluded=True)
     if not any(r.settings.get(setting) is not None for r in runs):
         raise UserError(f"no run in {folder} records a setting '{setting}'; name a flag as the JSON's "
-                        f"config spells it, e.g. alpha")
+                        f"args spell it, e.g. alpha")
     return runs
 
 
 def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-                 keep_flagged: bool = False) -> list[Run]:
+                 keep_excluded: bool = False) -> list[Run]:
     """All result JSON files under `folder` (recursively). Files that are not results of ours, or
     are truncated, are skipped with one warning that counts them. Runs with a null or non-finite
-    metric or a non-empty `flags` list are skipped whole, one warning line each plus a line that
-    counts them (`keep_flagged` keeps the flagged ones). No usable run is a UserError."""
+    metric or a non-empty `exclusions` list are skipped whole, one warning line each plus a line
+    that counts them (`keep_excluded` keeps the excluded ones). No usable run is a UserError."""
     if not os.path.isdir(folder):
         raise UserError(f"results folder {folder} does not exist; pass the folder the experiments wrote to")
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
@@ -224,7 +224,7 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
             reason = str(e) if isinstance(e, BadResult) else "not valid JSON (truncated?)"
             skipped.append((path, reason))
             continue
-        if run.nonfinite or (run.flags and not keep_flagged):
+        if run.nonfinite or (run.exclusions and not keep_excluded):
             suspect.append(run)
             continue
         runs.append(run)
@@ -246,9 +246,9 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
     if suspect:
         for r in suspect:
             warn(f"warning: skipped run {r.path}: {' '.join(skip_reason(r).split())}")  # one line each
-        nonfinite, flagged = sum(bool(r.nonfinite) for r in suspect), sum(bool(r.flags) for r in suspect)
+        nonfinite, excluded = sum(bool(r.nonfinite) for r in suspect), sum(bool(r.exclusions) for r in suspect)
         warn(f"warning: skipped {len(suspect)} of {len(runs) + len(suspect)} runs: {nonfinite} with null or "
-             f"non-finite metrics, {flagged} flagged (each run is left out whole, so no mean mixes it in)")
+             f"non-finite metrics, {excluded} excluded (each run is left out whole, so no mean mixes it in)")
     if not unique:
         if suspect:
             raise UserError(f"every run in {folder} was skipped (see the warnings above); nothing to summarise")
@@ -257,8 +257,7 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
     return unique
 
 
-LOSS_SPECIFIC = {"alpha", "temperature", "no_t2", "mixture_t2", "jacobian_estimator", "projections", "top_k", "contrastive_temperature",
-                 "contrastive_negatives"}
+LOSS_SPECIFIC = per_loss_args()
 
 
 def confounders(runs: Iterable[Run]) -> dict[str, list]:
@@ -293,10 +292,10 @@ def experiments(runs: Iterable[Run]) -> list[str]:
 
 
 
-def load_for_cli(folder: str, experiment: Optional[str], keep_flagged: bool = False) -> tuple[list[Run], list[str]]:
+def load_for_cli(folder: str, experiment: Optional[str], keep_excluded: bool = False) -> tuple[list[Run], list[str]]:
     """What the command-line tools start from: the runs of a folder (with warnings about
     confounded settings) and the experiments to draw, limited to `experiment` when given."""
-    runs = load_results(folder, keep_flagged=keep_flagged)
+    runs = load_results(folder, keep_excluded=keep_excluded)
     warn_confounders(runs)
     exps = experiments(runs)
     if experiment:
@@ -365,15 +364,22 @@ def mechanism_letters(runs: Iterable[Run]) -> str:
     names = set()
     for r in runs:
         names |= {r.teacher, r.student, *r.student_eval}
-    letters = {c for n in names if CONFIG_RE.match(n) for c in n if c.isupper()}
+    letters = {c for n in names if is_config(n) for c in n if c.isupper()}
     return "".join(sorted(letters, key=lambda c: ("IABCDEFGH".find(c) % 100, c)))
+
+
+def is_config(name: str) -> bool:
+    """Whether a name is a configuration (`I+rA`) rather than another test set (`minority`)."""
+    try:
+        parse_config(name)
+        return True
+    except UserError:
+        return False
 
 
 def label_mechanisms(config: str, letters: str) -> Optional[frozenset]:
     """The mechanisms that carry the label in a configuration (`I+rA` -> {I}); None when the name is
     not a configuration (e.g. a test set called `minority`)."""
-    if not CONFIG_RE.match(config):
-        return None
     try:
         roles = parse_config(config, letters)
     except UserError:

@@ -6,10 +6,10 @@
 Each row is one line of the dose-response figure at one value of the setting (plain KL, which has
 no weight, is the reference row): the mean ± 95 % CI half-width over seeds (Student-t) of each
 `metric:test set` column; the student's held-out fit on its own configuration (accuracy) and how
-many of its runs were flagged; and which loss term drives training: the norm of the weighted KL
+many of its runs were excluded; and which loss term drives training: the norm of the weighted KL
 term's gradient on the student's parameters divided by the other term's, at the first evaluation
 point (mean over seeds) and the median over every evaluation point and seed. Unlike the figures,
-the table keeps flagged runs and says how many there are: a weight that breaks the student's fit is
+the table keeps excluded runs and says how many there are: a weight that breaks the student's fit is
 part of the answer.
 """
 from __future__ import annotations
@@ -53,11 +53,11 @@ def row(line: str, value, runs: list[R.Run], columns: list[tuple[str, str]]) -> 
     ratios = [gradient_ratios(r) for r in runs]
     first = [r[0] for r in ratios if r]
     every = [x for r in ratios for x in r]
-    flagged = sum(bool(r.flags) for r in runs)
+    excluded = sum(bool(r.exclusions) for r in runs)
     fit = R.summarize(r.fit.get("acc") for r in runs)
     cells = [fmt(R.cell_stat(runs, test_set, metric)) for metric, test_set in columns]
     return [line, "" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value),
-            str(len(runs)), *cells, f"{fit.mean:.3f}" + (f" ({flagged} flagged)" if flagged else ""),
+            str(len(runs)), *cells, f"{fit.mean:.3f}" + (f" ({excluded} excluded)" if excluded else ""),
             f"{statistics.mean(first):.3g}" if first else "", f"{statistics.median(every):.3g}" if every else ""]
 
 

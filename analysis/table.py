@@ -106,8 +106,8 @@ parser.add_argument("--sets", nargs="+", default=None,
                     help="only these test sets, e.g. the seven configurations I A B IA IB AB IAB of the Dominoes grid "
                          "(default: all; a randomised set such as I+rA counts in the categories as the mechanisms "
                          "that carry its label)")
-parser.add_argument("--keep-flagged", action="store_true",
-                    help="count runs the scripts flagged (e.g. a student below --student-min-fit) instead of leaving "
+parser.add_argument("--keep-excluded", action="store_true",
+                    help="count runs the scripts excluded (e.g. a student below --student-min-fit) instead of leaving "
                          "them out")
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     if args.reference and (args.metric != "acc" or args.by != "category"):
         raise UserError("--reference compares the student's accuracy per 5-way category: use it with --metric acc "
                         "--by category")
-    runs, exps = R.load_for_cli(args.results, args.experiment, keep_flagged=args.keep_flagged)
+    runs, exps = R.load_for_cli(args.results, args.experiment, keep_excluded=args.keep_excluded)
     for exp in exps:
         exp_runs = R.only_sets(R.select(runs, experiment=exp), args.sets)
         if args.metric not in R.metrics(exp_runs):

@@ -33,8 +33,9 @@ def result(experiment="toy", teacher="IA", student="IA", loss="kl", seed=0, eval
            "temperature": 4.0, "steps": 10, "out": f"/somewhere/{seed}.json", "cache_dir": "c", **config}
     pts = [{"step": s, "loss": 0.1, "eval": {n: {"acc": a * s / 10, "kl": 1.0, "agreement": a} for n, a in evals.items()}}
            for s in (5, 10)] if curves else []
-    return {"experiment": experiment, "config": cfg, "env": {}, "teacher": {"cached": True, "eval": teacher_eval},
-            "student": {"eval": student_eval, "curves": pts}, "test_sizes": {n: 10 for n in evals}, "timing": {}}
+    return {"experiment": experiment, "args": cfg, "env": {}, "teacher": {"cached": True, "eval": teacher_eval},
+            "student": {"eval": student_eval, "curves": pts}, "exclusions": [], "test_sizes": {n: 10 for n in evals},
+            "timing": {}}
 
 
 def write(folder, name, data):
@@ -220,17 +221,17 @@ def spoil(data, where):
         data["student"]["curves"][0]["eval"]["I"]["kl"] = None
     elif where == "group null":
         data["student"]["eval"]["A"]["groups"]["1"] = None
-    elif where == "flagged":
-        data["flags"] = ["student did not fit its distillation data (train acc 0.41)"]
+    elif where == "excluded":
+        data["exclusions"] = ["student did not fit its distillation data (train acc 0.41)"]
     return data
 
 
 @pytest.mark.parametrize("where", ["student null", "student NaN (older file)", "teacher Infinity", "curve null",
-                                   "group null", "flagged"])
-def test_a_run_with_a_nonfinite_metric_or_a_flag_is_skipped_whole(tmp_path, where):
-    write(tmp_path, "s0.json", {**result(seed=0, evals={"I": 0.6, "A": 0.2}, groups=True), "flags": []})
+                                   "group null", "excluded"])
+def test_a_run_with_a_nonfinite_metric_or_an_exclusion_is_skipped_whole(tmp_path, where):
+    write(tmp_path, "s0.json", result(seed=0, evals={"I": 0.6, "A": 0.2}, groups=True))
     write(tmp_path, "s1.json", spoil(result(seed=1, evals={"I": 0.8, "A": 0.4}, groups=True), where))
-    write(tmp_path, "s2.json", result(seed=2, evals={"I": 0.7, "A": 0.3}, groups=True))  # older file: no flags key
+    write(tmp_path, "s2.json", result(seed=2, evals={"I": 0.7, "A": 0.3}, groups=True))
     warnings = []
     runs = R.load_results(str(tmp_path), warn=warnings.append)
     assert sorted(r.seed for r in runs) == [0, 2]
@@ -243,21 +244,21 @@ def test_a_run_with_a_nonfinite_metric_or_a_flag_is_skipped_whole(tmp_path, wher
     assert warnings[0].startswith(f"warning: skipped run {tmp_path / 's1.json'}: ")
     reason = {"student null": "student.eval.I.acc", "student NaN (older file)": "student.eval.I.acc",
               "teacher Infinity": "teacher.eval.A.acc", "curve null": "student.curves[step 5].I.kl",
-              "group null": "student.eval.A.groups.1", "flagged": "flagged: student did not fit"}[where]
+              "group null": "student.eval.A.groups.1", "excluded": "excluded: student did not fit"}[where]
     assert reason in warnings[0]
     assert warnings[1].startswith("warning: skipped 1 of 3 runs: ")
 
 
 def test_cli_reports_skipped_runs_on_stderr_and_all_skipped_is_an_error(tmp_path, cli):
     write(tmp_path, "a.json", result(seed=0, evals={"I": 0.6}))
-    write(tmp_path, "b.json", spoil(result(seed=1, evals={"I": 0.2}), "flagged"))
+    write(tmp_path, "b.json", spoil(result(seed=1, evals={"I": 0.2}), "excluded"))
     write(tmp_path, "c.json", spoil(result(seed=2, evals={"I": 0.9}), "student null"))
     r = cli("table.py", tmp_path, "--metric", "kl", "--format", "csv")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1].split(",")[-1] == "0.4"  # run a alone: kl = 1 - 0.6
     lines = r.stderr.splitlines()
-    assert len(lines) == 3 and "b.json: flagged" in lines[0] and "c.json: null or non-finite" in lines[1]
-    assert lines[2] == ("warning: skipped 2 of 3 runs: 1 with null or non-finite metrics, 1 flagged "
+    assert len(lines) == 3 and "b.json: excluded" in lines[0] and "c.json: null or non-finite" in lines[1]
+    assert lines[2] == ("warning: skipped 2 of 3 runs: 1 with null or non-finite metrics, 1 excluded "
                         "(each run is left out whole, so no mean mixes it in)")
     os.remove(tmp_path / "a.json")
     r = cli("figures.py", tmp_path, "--out", tmp_path / "f")
@@ -443,8 +444,8 @@ m = {"I": {"acc": 0.5, "kl": 0.1, "agreement": 0.5}}
 cfg = {"teacher_config": a.teacher_config, "student_config": a.student_config, "loss": a.loss, "seed": a.seed,
        "steps": a.steps}
 with open(a.out, "w") as f:
-    json.dump({"experiment": "fake", "config": cfg, "teacher": {"eval": {"I": {"acc": 0.9}}},
-               "student": {"eval": m, "curves": []}, "flags": [], "provenance": {"argv": sys.argv[1:]}}, f)
+    json.dump({"experiment": "fake", "args": cfg, "teacher": {"eval": {"I": {"acc": 0.9}}},
+               "student": {"eval": m, "curves": []}, "exclusions": [], "provenance": {"argv": sys.argv[1:]}}, f)
 '''
 
 
@@ -490,7 +491,7 @@ def test_grid_runs_missing_cells_only(fake):
     assert "4 cells, 1 done already, running 3" in r.stdout
     assert calls() == ["A_IA_ce_seed0.json", "A_IA_kl_seed0.json", "I_IA_ce_seed0.json"]
     with open(tmp_path / "res" / "A_IA_kl_seed0.json") as f:
-        assert json.load(f)["config"]["steps"] == 3  # arguments after -- reach the script
+        assert json.load(f)["args"]["steps"] == 3  # arguments after -- reach the script
     again = run_grid("--", "--steps", "3")
     assert again.returncode == 0 and "nothing to run" in again.stdout and len(calls()) == 3
 
@@ -644,7 +645,7 @@ def test_grid_accepts_every_slurm_time_format_and_no_abbreviations(grid_cli, tmp
 @pytest.mark.slow
 def test_grid_resumes_only_results_made_with_the_cells_settings(fake):
     run_grid, calls, tmp_path, _ = fake
-    # --out and --cache-dir do not change the numbers; a flagged result is done too
+    # --out and --cache-dir do not change the numbers; a excluded result is done too
     write(tmp_path / "res", "I_IA_kl_seed0.json",
           {**result(), "provenance": {"argv": cell_argv(tmp_path, "I_IA_kl_seed0", "--steps", "5", out="/elsewhere/x.json",
                                                         cache_dir="/other/cache")}})
@@ -718,7 +719,7 @@ def test_slurm_script_is_valid_sbatch_input(fake):
     assert r.returncode == 0, r.stderr
     assert calls() == [f"{cells[task].name}.json"]
     with open(tmp_path / "res" / f"{cells[task].name}.json") as f:
-        assert json.load(f)["config"]["steps"] == 2
+        assert json.load(f)["args"]["steps"] == 2
     r = subprocess.run(["bash", str(tmp_path / "grid.sbatch")], capture_output=True, text=True, timeout=60,
                        env={**env, "SLURM_ARRAY_TASK_ID": str(done_index)})
     assert r.returncode == 0 and "done already" in r.stdout and len(calls()) == 1
@@ -739,7 +740,7 @@ def test_grid_with_the_real_script_trains_each_teacher_once(tmp_path):
     logs = [(tmp_path / "res" / "logs" / f"IA_IA_{l}_seed0.log").read_text() for l in ("kl", "ce")]
     assert sum("teacher: training" in log for log in logs) == 1
     assert sum("teacher: loaded from cache" in log for log in logs) == 1
-    for loss in ("kl", "ce"):  # results of ours (5 steps may leave them flagged as unfit: the analysis skips those)
+    for loss in ("kl", "ce"):  # results of ours (5 steps may leave them excluded as unfit: the analysis skips those)
         with open(tmp_path / "res" / f"IA_IA_{loss}_seed0.json") as f:
             R.parse_result(json.load(f))
     # the script records the arguments the grid passed: the same command counts both cells done
@@ -748,7 +749,7 @@ def test_grid_with_the_real_script_trains_each_teacher_once(tmp_path):
     assert r.returncode == 0 and [l[:6] for l in r.stdout.splitlines()] == ["done  ", "done  "], r.stdout + r.stderr
 
 
-def test_runs_that_differ_in_a_shared_setting_are_flagged(tmp_path):
+def test_runs_that_differ_in_a_shared_setting_are_warned_about(tmp_path):
     write(tmp_path, "a.json", result(loss="kl", lr=0.001))
     write(tmp_path, "b.json", result(loss="jacobian", lr=0.02, alpha=0.2))  # alpha is the loss's own: fine
     runs = R.load_results(str(tmp_path))
@@ -866,8 +867,8 @@ def test_choose_default_command_line(tmp_path):
     assert r.returncode == 2 and "no run" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_sweep_table_rows_count_flagged_runs_and_give_the_gradient_ratio(tmp_path):
-    """One row per (line, value) plus the plain-KL reference; flagged runs are counted, not hidden;
+def test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_path):
+    """One row per (line, value) plus the plain-KL reference; excluded runs are counted, not hidden;
     the ratio is KL's weighted-gradient norm over the other term's."""
     from analysis import sweep_table
     folder = tmp_path / "r"
@@ -878,36 +879,36 @@ def test_sweep_table_rows_count_flagged_runs_and_give_the_gradient_ratio(tmp_pat
         for alpha in (0.1, 0.9):
             r = result("toy", "I+rA", "IA", "jacobian", seed, {"IA": 0.9, "I+rA": alpha + 0.1 * seed}, alpha=alpha)
             r["student"]["fit"] = {"acc": 0.8 if (alpha, seed) == (0.9, 2) else 0.95}
-            r["flags"] = ["student fit"] if (alpha, seed) == (0.9, 2) else []
+            r["exclusions"] = ["student fit"] if (alpha, seed) == (0.9, 2) else []
             for i, point in enumerate(r["student"]["curves"]):
                 point["terms"] = {"kl": {"weight": 1 - alpha, "value": 1.0, "grad_norm": 8.0 / (i + 1)},
                                   "jacobian": {"weight": alpha, "value": 1.0, "grad_norm": 2.0}}
             write(folder, f"jac_{alpha}_{seed}.json", r)
-    rows = sweep_table.tables(R.load_results(str(folder), keep_flagged=True), "alpha", [("agreement", "I+rA")])
+    rows = sweep_table.tables(R.load_results(str(folder), keep_excluded=True), "alpha", [("agreement", "I+rA")])
     rows = rows[("toy", "I+rA", "IA")]
     assert [r[:3] for r in rows] == [["kl", "", "3"], ["jacobian", "0.1", "3"], ["jacobian", "0.9", "3"]]
     assert rows[0][3] == "0.100 ± 0.000" and rows[0][5:] == ["", ""]
     assert rows[2][3].startswith("1.000 ± 0.248")  # 0.9, 1.0, 1.1: half-width t(0.975, 2) * 0.1 / sqrt(3)
-    assert rows[2][4] == "0.900 (1 flagged)"
+    assert rows[2][4] == "0.900 (1 excluded)"
     assert rows[1][5:] == ["4", "3"]  # first evaluation point 8/2; median of 4 and 2 over the seeds
 
 
 @pytest.mark.slow
 def test_sweep_table_command_line(tmp_path):
-    test_sweep_table_rows_count_flagged_runs_and_give_the_gradient_ratio(tmp_path)
+    test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_path)
     r = run_script("sweep_table.py", tmp_path / "r", "--setting", "alpha", "--columns", "agreement:I+rA", "kl:IA")
-    assert r.returncode == 0 and "| jacobian | 0.9 | 3 | 1.000 ± 0.248 | 0.100 ± 0.000 | 0.900 (1 flagged) |" in r.stdout
+    assert r.returncode == 0 and "| jacobian | 0.9 | 3 | 1.000 ± 0.248 | 0.100 ± 0.000 | 0.900 (1 excluded) |" in r.stdout
     for bad, why in ((["--columns", "agreement"], "is not METRIC:SET"), (["--columns", "agreement:B"], "no run"),
                      (["--setting", "lr", "--columns", "agreement:IA"], "no run")):
         r = run_script("sweep_table.py", tmp_path / "r", *(["--setting", "alpha"] if "--setting" not in bad else []), *bad)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_figures_keep_flagged_runs_only_when_asked(tmp_path):
+def test_figures_keep_excluded_runs_only_when_asked(tmp_path):
     sweep_results(tmp_path / "r")
-    flagged = result("toy", "I+rA", "IA", "jacobian", 5, {"IA": 0.5, "I+rA": 0.9}, alpha=0.9)
-    flagged["flags"] = ["student_fit: the student fits held-out IA only 0.5 (floor 0.90)"]
-    write(tmp_path / "r", "flagged.json", flagged)
+    excluded = result("toy", "I+rA", "IA", "jacobian", 5, {"IA": 0.5, "I+rA": 0.9}, alpha=0.9)
+    excluded["exclusions"] = ["student_fit: the student fits held-out IA only 0.5 (floor 0.90)"]
+    write(tmp_path / "r", "excluded.json", excluded)
     assert 5 not in {r.seed for r in R.load_for_cli(str(tmp_path / "r"), None)[0]}
-    assert 5 in {r.seed for r in R.load_for_cli(str(tmp_path / "r"), None, keep_flagged=True)[0]}
-    assert figures.parser.parse_args([str(tmp_path / "r"), "--keep-flagged"]).keep_flagged
+    assert 5 in {r.seed for r in R.load_for_cli(str(tmp_path / "r"), None, keep_excluded=True)[0]}
+    assert figures.parser.parse_args([str(tmp_path / "r"), "--keep-excluded"]).keep_excluded

@@ -222,7 +222,7 @@ def test_cifar10_end_to_end_on_tiny_files(tmp_path, monkeypatch, capsys):
                                                "--teacher-steps", "3", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
     assert code == 0, cap.err
     result = json.loads(out.read_text())
-    assert result["test_sizes"]["I"] == 40 and result["config"]["data"] == "cifar10"
+    assert result["test_sizes"]["I"] == 40 and result["args"]["data"] == "cifar10"
 
 
 @pytest.mark.parametrize("argv,message", [

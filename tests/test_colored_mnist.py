@@ -110,7 +110,7 @@ def smoke_runs(tmp_path_factory):
 def test_smoke_run_per_loss_writes_the_documented_json(smoke_runs):
     _, outputs = smoke_runs
     for loss, (proc, result) in outputs.items():
-        assert result["experiment"] == "colored_mnist" and result["config"]["loss"] == loss
+        assert result["experiment"] == "colored_mnist" and result["args"]["loss"] == loss
         assert {"python", "torch", "numpy", "scikit-learn", "device", "commit", "dirty", "argv", "data_version",
                 "test_seed", "teacher_cache_key"} <= set(result["provenance"])
         assert result["provenance"]["teacher_cache_key"] == result["teacher"]["cache_key"]
@@ -186,7 +186,7 @@ def test_real_mnist_files_are_read(tmp_path):
     proc = run("--smoke", "--data", "mnist", "--data-root", str(tmp_path), "--out", str(out),
                "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(out.read_text())["config"]["data"] == "mnist"
+    assert json.loads(out.read_text())["args"]["data"] == "mnist"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -244,9 +244,9 @@ def test_corrupt_or_mismatched_teacher_cache_fails_cleanly(smoke_runs, tmp_path)
     (cache / f"{key}.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "r.json"
     assert_clean_failure(run("--smoke", "--out", str(out), "--cache-dir", str(cache)), out, "corrupt", "--retrain-teacher")
-    # weights saved with a config that does not match the key
+    # weights saved with a key that is not the file's
     saved = torch.load(folder / "cache" / f"{key}.pt", weights_only=True)
-    saved["config"]["seed"] = 99
+    saved["key"]["settings"]["seed"] = 99
     torch.save(saved, cache / f"{key}.pt")
     assert_clean_failure(run("--smoke", "--out", str(out), "--cache-dir", str(cache)), out, "another configuration")
     # --retrain-teacher repairs it
@@ -292,10 +292,10 @@ def test_each_mixture_loss_takes_its_own_default_weight_and_t2_stays_with_plain_
         args = cm.parse_args(["--loss", loss])
         distill_cfg = cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)[1]
         assert args.alpha == distill_cfg.alpha == cm.ALPHA[loss]  # the JSON's config records the weight used
-        assert distill_cfg.t2_scale and not distill_cfg.mixture_t2
+        assert distill_cfg.t2 and not distill_cfg.mixture_t2
     assert cm.parse_args(["--loss", "kl"]).alpha is None  # plain KL has no second term
     args = cm.parse_args(["--loss", "contrastive", "--alpha", "0.2", "--mixture-t2", "--no-t2"])
     distill_cfg = cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)[1]
-    assert (distill_cfg.alpha, distill_cfg.mixture_t2, distill_cfg.t2_scale) == (0.2, True, False)
+    assert (distill_cfg.alpha, distill_cfg.mixture_t2, distill_cfg.t2) == (0.2, True, False)
     with pytest.raises(common.UserError, match="--alpha"):
         cm.parse_args(["--loss", "jacobian", "--alpha", "1.5"])

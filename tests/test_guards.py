@@ -1,6 +1,8 @@
 """Guards that stop a meaningless run (a teacher at chance, a non-finite model), the flag on a student
 that never fit its data, strict JSON, provenance, the teacher cache's safety and the bad inputs
 found by probing. Each failure must be one `error:` line, exit 2, no result and nothing cached."""
+import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -153,8 +155,8 @@ def test_a_student_that_did_not_fit_is_flagged_in_json_and_table(tmp_path, monke
     assert code == 0, err
     result = json.loads(out.read_text())
     assert not result["student"]["fit"]["ok"] and result["student"]["fit"]["fit"] < 0.9
-    assert len(result["flags"]) == 1 and result["flags"][0].startswith("student_fit")
-    assert "FLAGGED: student_fit" in stdout
+    assert len(result["exclusions"]) == 1 and result["exclusions"][0].startswith("student_fit")
+    assert "EXCLUDED: student_fit" in stdout
 
 
 def test_result_json_is_strict(tmp_path):
@@ -168,16 +170,18 @@ def test_result_json_is_strict(tmp_path):
 
 
 @pytest.mark.slow
-def test_provenance_and_a_cache_key_that_names_the_data_root(tmp_path, monkeypatch, capsys):
-    keys = []
-    for copy in ("one", "two"):  # the same files in two folders: two teachers
-        write_mnist(tmp_path / copy)
+def test_provenance_and_a_cache_key_that_follows_the_data(tmp_path, monkeypatch, capsys):
+    keys, loaded = [], []
+    write_mnist(tmp_path / "one")
+    write_mnist(tmp_path / "two")  # the same files in another folder: the same teacher
+    write_mnist(tmp_path / "other", images=np.full((120, 28, 28), 200))  # other images: another one
+    for copy in ("one", "two", "other"):
         out = tmp_path / f"{copy}.json"
         code, stdout, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path / copy,
                                                          "--out", out, "--cache-dir", tmp_path / "cache"],
                                      monkeypatch, capsys)
         assert code == 0, err
-        assert "loaded from cache" not in stdout
+        loaded.append("loaded from cache" in stdout)
         result = json.loads(out.read_text())
         prov = result["provenance"]
         keys.append(prov["teacher_cache_key"])
@@ -185,7 +189,8 @@ def test_provenance_and_a_cache_key_that_names_the_data_root(tmp_path, monkeypat
         assert prov["torch"] == torch.__version__ and prov["numpy"] == np.__version__ and prov["scikit-learn"]
         assert prov["commit"] is None or len(prov["commit"]) == 40
         assert "--data-root" in prov["argv"]
-    assert keys[0] != keys[1] and len(cached_teachers(tmp_path / "cache")) == 2
+    assert keys[0] == keys[1] != keys[2] and loaded == [False, True, False]
+    assert len(cached_teachers(tmp_path / "cache")) == 2
 
 
 # ----------------------------------------------------------------------------- bad input, before any training
@@ -269,33 +274,35 @@ def test_cifar_batches_without_images_are_refused(tmp_path, monkeypatch, capsys)
 
 # ----------------------------------------------------------------------------- the teacher cache
 
-def tiny_teacher_args(tmp_path):
-    x, y = torch.rand(32, 3, 8, 8), torch.arange(32) % 2
-    data = common.TensorSet(x, y)
-    build = lambda: common.SmallCNN(3, 2, 4)  # noqa: E731
-    cfg = common.TeacherConfig(steps=2, batch_size=16, lr=0.01)
-    train = lambda m: common.train_teacher(m, data, cfg, torch.device("cpu"))  # noqa: E731
-    return build, train, str(tmp_path / "cache")
+def tiny_run(tmp_path, **args):
+    """A run of a tiny teacher (2 classes, 8x8 images), its build and its data."""
+    values = {"cache_dir": str(tmp_path / "cache"), "retrain_teacher": False, "teacher_min_acc": 0.0,
+              "smoke": False, "teacher_config": "I", **args}
+    settings = common.TeacherSettings(steps=2, batch_size=16, lr=0.01)
+    run = harness.Run("tiny", 1, argparse.Namespace(**values), settings, common.DistillSettings(),
+                      torch.device("cpu"), str(tmp_path / "r.json"), 0.0)
+    data = common.TensorSet(torch.rand(32, 3, 8, 8), torch.arange(32) % 2)
+    return run, (lambda: common.SmallCNN(3, 2, 4)), data
 
 
 def test_a_read_only_cache_serves_the_teachers_it_holds(tmp_path, monkeypatch):
-    build, train, cache = tiny_teacher_args(tmp_path)
-    config = {"teacher": 1}
-    cpu = torch.device("cpu")
-    model, cached = harness.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
-    assert not cached
-    before = sorted(os.listdir(cache))
+    run, build, data = tiny_run(tmp_path)
+    teacher = harness.get_teacher(run, build, data, data, log=lambda m: None)
+    assert not teacher.record["cached"] and teacher.record["attempts"] == 1
+    before = sorted(os.listdir(run.args.cache_dir))
     monkeypatch.setattr(harness, "prepare_cache", lambda folder: False)  # what a read-only folder answers
-    again, cached = harness.load_or_train_teacher(config, build, train, lambda m, c: None, cache, cpu)
-    assert cached and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    assert sorted(os.listdir(cache)) == before  # not even a lock file was made
+    again = harness.get_teacher(run, build, data, data, log=lambda m: None)
+    assert again.record["cached"] and again.record["attempts"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(teacher.model.state_dict().values(),
+                                                 again.model.state_dict().values()))
+    assert sorted(os.listdir(run.args.cache_dir)) == before  # not even a lock file was made
+    other = common.TensorSet(data.x.flip(0), data.y)  # other training data: another teacher
     with pytest.raises(common.UserError, match="read-only"):
-        harness.load_or_train_teacher({"teacher": 2}, build, train, lambda m, c: None, cache, cpu)
+        harness.get_teacher(run, build, other, data, log=lambda m: None)
 
 
 def test_a_full_disk_leaves_no_half_written_teacher(tmp_path, monkeypatch):
-    build, train, cache = tiny_teacher_args(tmp_path)
-    cpu = torch.device("cpu")
+    run, build, data = tiny_run(tmp_path)
     save = torch.save
 
     def full_disk(obj, f, *a, **k):
@@ -303,19 +310,32 @@ def test_a_full_disk_leaves_no_half_written_teacher(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     logged = []
-    model, cached = harness.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu, log=logged.append)
-    assert not cached and any("could not be cached" in line for line in logged)
-    assert [f for f in os.listdir(cache) if not f.endswith(".lock")] == []  # no .pt, no .json, no temporary file
+    teacher = harness.get_teacher(run, build, data, data, log=logged.append)
+    assert not teacher.record["cached"] and any("could not be cached" in line for line in logged)
+    cache = run.args.cache_dir
+    assert [f for f in os.listdir(cache) if not f.endswith(".lock")] == []  # no .pt, .json or temporary file
     monkeypatch.setattr(torch, "save", save)
-    _, cached = harness.load_or_train_teacher({"t": 1}, build, train, lambda m, c: None, cache, cpu)
-    assert not cached and len(cached_teachers(cache)) == 1  # the next run trains and caches it
+    again = harness.get_teacher(run, build, data, data, log=lambda m: None)
+    assert not again.record["cached"] and len(cached_teachers(cache)) == 1  # the next run caches it
 
 
-def test_a_teacher_rejected_by_its_check_is_not_cached(tmp_path):
-    build, train, cache = tiny_teacher_args(tmp_path)
+def test_a_teacher_below_its_floor_is_retrained_then_refused_and_never_cached(tmp_path):
+    run, build, data = tiny_run(tmp_path, teacher_min_acc=1.01)  # a floor no teacher reaches
+    logged = []
+    with pytest.raises(common.UserError, match="below the floor 1.010"):
+        harness.get_teacher(run, build, data, data, log=logged.append)
+    assert sum("training again from a new initialisation" in line for line in logged) == \
+        harness.TEACHER_ATTEMPTS - 1
+    assert cached_teachers(run.args.cache_dir) == []
 
-    def reject(model, cached):
-        raise common.UserError("no")
-    with pytest.raises(common.UserError):
-        harness.load_or_train_teacher({"t": 1}, build, train, reject, cache, torch.device("cpu"))
-    assert cached_teachers(cache) == []
+
+def test_the_cache_key_follows_the_training_data_and_the_settings(tmp_path):
+    run, build, data = tiny_run(tmp_path)
+    key = harness.get_teacher(run, build, data, data, log=lambda m: None).record["cache_key"]
+    same = harness.get_teacher(run, build, common.TensorSet(data.x.clone(), data.y.clone()), data,
+                               log=lambda m: None)
+    assert same.record["cached"] and same.record["cache_key"] == key  # the same bytes: the same teacher
+    moved = common.TensorSet(data.x + 1e-3, data.y)
+    assert harness.get_teacher(run, build, moved, data, log=lambda m: None).record["cache_key"] != key
+    longer = run._replace(teacher=dataclasses.replace(run.teacher, steps=3))
+    assert harness.get_teacher(longer, build, data, data, log=lambda m: None).record["cache_key"] != key

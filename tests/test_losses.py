@@ -72,7 +72,7 @@ def training_objective(student, teacher, train_x, idx, cfg, max_bytes=2e9, gener
     """One batch's loss through the path distill() trains with: the teacher's targets precomputed
     on the whole training set, then the objective on the rows `idx`."""
     top_k = None if cfg.jacobian_estimator == "projection" else cfg.top_k
-    targets = common.teacher_targets(teacher, train_x, need_jacobian=True, top_k=top_k,
+    targets = common.teacher_targets(teacher, train_x, ("logits", "jacobian"), top_k=top_k,
                                      method=cfg.jacobian_method, max_bytes=max_bytes)
     objective = common.distillation_objective(student, teacher, targets, cfg, generator=generator)
     return common.total_loss(objective(train_x[idx], torch.zeros(len(idx), dtype=torch.long), idx)), targets
@@ -99,7 +99,7 @@ IDX = torch.tensor([5, 1, 6, 2])  # a batch is a set of rows of the training set
 def test_training_objective_matches_naive_per_class_reference(method, pair):
     student, teacher = models()[pair]
     train_x = inputs(pair)
-    cfg = common.DistillConfig(loss="jacobian", alpha=0.3, temperature=2.0, jacobian_method=method)
+    cfg = common.DistillSettings(loss="jacobian", alpha=0.3, temperature=2.0, jacobian_method=method)
     got, targets = training_objective(student, teacher, train_x, IDX, cfg)
     assert "jacobian" in targets  # precomputed once, as in training
     x = train_x[IDX]
@@ -108,28 +108,28 @@ def test_training_objective_matches_naive_per_class_reference(method, pair):
 
 
 @pytest.mark.parametrize("loss", ["kl", "jacobian", "contrastive"])
-@pytest.mark.parametrize("t2_scale,mixture_t2", [(True, False), (False, True)])
-def test_t2_scales_plain_kl_and_a_mixture_only_when_asked(loss, t2_scale, mixture_t2):
-    """Hinton's T^2 belongs to plain KL (t2_scale); inside a mixture it would outweigh alpha, so
+@pytest.mark.parametrize("t2,mixture_t2", [(True, False), (False, True)])
+def test_t2_scales_plain_kl_and_a_mixture_only_when_asked(loss, t2, mixture_t2):
+    """Hinton's T^2 belongs to plain KL (t2); inside a mixture it would outweigh alpha, so
     the mixture's KL term carries it only with mixture_t2."""
     student, teacher = models()[0]
     train_x = inputs(0)
-    cfg = common.DistillConfig(loss=loss, alpha=0.3, temperature=3.0, t2_scale=t2_scale, mixture_t2=mixture_t2)
-    targets = common.teacher_targets(teacher, train_x, need_jacobian=loss == "jacobian", top_k=None, method="loop")
+    cfg = common.DistillSettings(loss=loss, alpha=0.3, temperature=3.0, t2=t2, mixture_t2=mixture_t2)
+    targets = common.teacher_targets(teacher, train_x, common.LOSSES[loss].needs, method="loop")
     heads = common.ContrastiveHeads(student.features(train_x[:1]).shape[1], targets["features"].shape[1], 8) \
         if loss == "contrastive" else None
     terms = common.distillation_objective(student, teacher, targets, cfg, heads)(train_x[IDX], torch.zeros(4).long(), IDX)
     x = train_x[IDX]
     weight, value = terms["kl"]
     assert weight == pytest.approx(1.0 if loss == "kl" else 0.7)
-    t2 = t2_scale if loss == "kl" else mixture_t2
-    assert value.item() == pytest.approx(naive_kl(student(x), teacher(x), 3.0, t2=t2).item(), rel=1e-5)
+    expected_t2 = t2 if loss == "kl" else mixture_t2
+    assert value.item() == pytest.approx(naive_kl(student(x), teacher(x), 3.0, t2=expected_t2).item(), rel=1e-5)
 
 
 def test_teacher_jacobians_too_large_to_precompute_are_computed_per_batch():
     student, teacher = models()[0]
     train_x = inputs(0)
-    cfg = common.DistillConfig(loss="jacobian", alpha=1.0)
+    cfg = common.DistillSettings(loss="jacobian", alpha=1.0)
     got, targets = training_objective(student, teacher, train_x, IDX, cfg, max_bytes=0)
     assert "jacobian" not in targets
     assert_same_loss_and_student_grads(got, naive_loss(student, teacher, train_x[IDX]), student)
@@ -139,11 +139,11 @@ def test_training_objective_top_k_matches_naive_rows():
     student, teacher = models()[0]
     train_x = inputs(0)
     x = train_x[IDX]
-    cfg = common.DistillConfig(loss="jacobian", alpha=1.0, top_k=3)
+    cfg = common.DistillSettings(loss="jacobian", alpha=1.0, top_k=3)
     got, _ = training_objective(student, teacher, train_x, IDX, cfg)
     expected = naive_loss(student, teacher, x, rows=teacher(x).topk(3, dim=1).indices)
     assert_same_loss_and_student_grads(got, expected, student)
-    all_rows, _ = training_objective(student, teacher, train_x, IDX, common.DistillConfig(loss="jacobian", alpha=1.0))
+    all_rows, _ = training_objective(student, teacher, train_x, IDX, common.DistillSettings(loss="jacobian", alpha=1.0))
     assert got.item() != pytest.approx(all_rows.item(), abs=1e-4)
 
 
@@ -151,7 +151,7 @@ def test_training_objective_projection_matches_naive_projected_rows():
     student, teacher = models()[0]
     train_x = inputs(0)
     x = train_x[IDX]
-    cfg = common.DistillConfig(loss="jacobian", alpha=1.0, jacobian_estimator="projection", projections=2)
+    cfg = common.DistillSettings(loss="jacobian", alpha=1.0, jacobian_estimator="projection", projections=2)
     got, _ = training_objective(student, teacher, train_x, IDX, cfg, generator=torch.Generator().manual_seed(7))
     v = common.projection_selectors(2, len(x), 7, torch.device("cpu"), torch.Generator().manual_seed(7))
     js = torch.einsum("kbc,bcd->bkd", v, naive_jacobian(student, x, True))
@@ -164,7 +164,7 @@ def test_jacobian_term_is_zero_for_a_copy_of_the_teacher():
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
-    loss, _ = training_objective(student, teacher, inputs(0), IDX, common.DistillConfig(loss="jacobian", alpha=1.0))
+    loss, _ = training_objective(student, teacher, inputs(0), IDX, common.DistillSettings(loss="jacobian", alpha=1.0))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert all(torch.isfinite(g).all() for g in grads(loss, student))  # no NaN from the norm at 0
 
@@ -220,8 +220,8 @@ def test_kd_kl_against_hand_computation():
         return e / e.sum()
     hand = np.mean([np.sum(softmax(ti / T) * (np.log(softmax(ti / T)) - np.log(softmax(si / T))))
                     for si, ti in zip(s.numpy(), t.numpy())])
-    assert common.kd_kl(s, t, T, t2_scale=False).item() == pytest.approx(hand, rel=1e-5)
-    assert common.kd_kl(s, t, T, t2_scale=True).item() == pytest.approx(hand * T * T, rel=1e-5)
+    assert common.kd_kl(s, t, T, t2=False).item() == pytest.approx(hand, rel=1e-5)
+    assert common.kd_kl(s, t, T, t2=True).item() == pytest.approx(hand * T * T, rel=1e-5)
     assert common.kd_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -287,10 +287,10 @@ def test_dataset_negatives_come_from_outside_the_batch():
     def spy(*args, **kw):
         seen.append(args[5] if len(args) > 5 else kw.get("bank_features"))
         return real(*args, **kw)
-    targets = common.teacher_targets(teacher, train_x, need_jacobian=False, top_k=None, method="loop")
+    targets = common.teacher_targets(teacher, train_x, ("logits", "features"), method="loop")
     heads = common.ContrastiveHeads(student.feature_dim, teacher.feature_dim, 8)
     for bank_size, expected in ((3, 3), (100, len(train_x) - len(IDX))):
-        cfg = common.DistillConfig(loss="contrastive", contrastive_negatives="dataset", contrastive_bank=bank_size)
+        cfg = common.DistillSettings(loss="contrastive", contrastive_negatives="dataset", contrastive_bank=bank_size)
         objective = common.distillation_objective(student, teacher, targets, cfg, heads, torch.Generator().manual_seed(0))
         try:
             common.info_nce = spy
@@ -344,7 +344,7 @@ def test_nan_loss_stops_with_a_message():
     teacher = common.freeze(common.SmallCNN(3, 10, 4))
     train = common.TensorSet(torch.rand(16, 3, 8, 8), torch.randint(10, (16,)))
     with pytest.raises(common.UserError, match="NaN|nan"):
-        common.distill(NaNNet(3, 10, 4), teacher, train, common.DistillConfig(loss="kl", steps=3, batch_size=8),
+        common.distill(NaNNet(3, 10, 4), teacher, train, common.DistillSettings(loss="kl", steps=3, batch_size=8),
                        torch.device("cpu"))
 
 
@@ -362,12 +362,12 @@ def test_distill_keeps_teacher_frozen_and_trains_heads(monkeypatch):
     before = copy.deepcopy(teacher.state_dict())
     student = common.SmallCNN(3, 10, 4)
     train = common.TensorSet(torch.rand(32, 3, 8, 8), torch.randint(10, (32,)))
-    run = common.distill(student, teacher, train, common.DistillConfig(loss="contrastive", steps=4, batch_size=8, lr=1e-2),
+    run = common.distill(student, teacher, train, common.DistillSettings(loss="contrastive", steps=4, batch_size=8, lr=1e-2),
                          torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert len(created) == 1  # created once, not at every step
-    trained = run["heads"].state_dict()
+    trained = run["aux"].state_dict()
     assert not torch.equal(created[0]["student.weight"], trained["student.weight"])
     assert not torch.equal(created[0]["teacher.weight"], trained["teacher.weight"])
 
@@ -377,8 +377,8 @@ def test_curves_record_each_term_with_its_weight_value_and_gradient_norm():
     teacher = common.freeze(common.SmallCNN(3, 10, 4))
     student = common.SmallCNN(3, 10, 4)
     train = common.TensorSet(torch.rand(16, 3, 8, 8), torch.randint(10, (16,)))
-    cfg = common.DistillConfig(loss="jacobian", alpha=0.3, steps=2, batch_size=8, eval_every=2)
-    run = common.distill(student, teacher, train, cfg, torch.device("cpu"), cf_sets={"all": train}, log=lambda m: None)
+    cfg = common.DistillSettings(loss="jacobian", alpha=0.3, steps=2, batch_size=8, eval_every=2)
+    run = common.distill(student, teacher, train, cfg, torch.device("cpu"), test_sets={"all": train}, log=lambda m: None)
     terms = run["curves"][-1]["terms"]
     assert set(terms) == {"kl", "jacobian"}
     assert terms["kl"]["weight"] == pytest.approx(0.7) and terms["jacobian"]["weight"] == pytest.approx(0.3)
@@ -390,8 +390,8 @@ def test_curves_record_each_term_with_its_weight_value_and_gradient_norm():
 def test_term_gradient_norms_by_hand():
     student, teacher = models()[0]
     train_x = inputs(0)
-    cfg = common.DistillConfig(loss="jacobian", alpha=0.3)
-    targets = common.teacher_targets(teacher, train_x, need_jacobian=True, top_k=None, method="auto")
+    cfg = common.DistillSettings(loss="jacobian", alpha=0.3)
+    targets = common.teacher_targets(teacher, train_x, ("logits", "jacobian"))
     terms = common.distillation_objective(student, teacher, targets, cfg)(train_x[IDX], None, IDX)
     norms = common.term_grad_norms(terms, list(student.parameters()))
     for name, (weight, value) in terms.items():

@@ -255,11 +255,11 @@ def smoke_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", common.LOSSES)
+@pytest.mark.parametrize("loss", list(common.LOSSES))
 def test_smoke_run_writes_group_metrics(smoke_runs, loss):
     _, results = smoke_runs
     stdout, result = results[loss]
-    assert result["config"]["loss"] == loss and set(result["student"]["eval"]) == set(wb.TEST_CONFIGS)
+    assert result["args"]["loss"] == loss and set(result["student"]["eval"]) == set(wb.TEST_CONFIGS)
     for name in ("IA", "I+rA", "minority"):
         for who in ("teacher", "student"):
             m = result[who]["eval"][name]
