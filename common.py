@@ -1,18 +1,14 @@
-"""What every experiment shares: the settings of teacher and student, data as tensors,
-configurations, models, losses, metrics and the training loops.
-
-Each `exp_*.py` script builds its own spurious data set as tensors and calls into this file for
-the science. The machinery around a run (the command line, devices, the teacher cache, result
-files) lives in `harness.py`, so that this file reads as the method alone. `README.md` defines the
-vocabulary (mechanisms I/A/B, configurations such as `I+rA`, counterfactual test sets).
-"""
+"""The science every experiment shares: configurations, models, losses, metrics and the training
+loops, which read the settings of teacher and student (`harness.TeacherSettings`,
+`harness.DistillSettings`, declared there with their flags). Each `exp_*.py` script builds its own
+data; the machinery around a run (command line, cache, result files) is in `harness.py`.
+`README.md` defines the vocabulary (mechanisms I/A/B, configurations such as `I+rA`)."""
 from __future__ import annotations
 
 import math
-import random
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, NamedTuple, Optional
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -21,111 +17,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 JACOBIAN_METHODS = ("auto", "explicit", "loop", "batched", "vmap")
-TEST_SEED = 12345  # the test sets are drawn with this seed: the same sets for every --seed
+
+if TYPE_CHECKING:  # the settings are declared with their flags in harness.py
+    from harness import DistillSettings, TeacherSettings
 
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file): printed as one line, no traceback."""
-
-
-# ----------------------------------------------------------------------------- settings
-# Each setting is declared once, as a field of TeacherSettings or DistillSettings: its default,
-# its help text, its check and, where it is not --NAME (student) or --teacher-NAME (teacher), its
-# flag. harness.py derives the command line from these fields; the result JSON stores them.
-
-def setting(default, help: str, *, check: Optional[str] = None, choices: tuple = (),
-            flag: Optional[str] = None, per_loss: bool = False, bookkeeping: bool = False):
-    """A settings field. `check`: 'positive' (finite, > 0), 'count' (an integer >= 1) or
-    'fraction' (in [0, 1]), skipped for None. `flag`: its command-line flag, '' for none.
-    `per_loss`: only some losses read it, so runs of different losses may differ in it.
-    `bookkeeping`: it changes how a run computes, not what it trains (analysis ignores it)."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices,
-                                            "flag": flag, "per_loss": per_loss,
-                                            "bookkeeping": bookkeeping})
-
-
-CHECKS = {"positive": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
-          "count": (lambda v: v >= 1, "at least 1"),
-          "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]")}
-
-
-@dataclass(frozen=True)
-class TeacherSettings:
-    """How a teacher is trained: cross-entropy, SGD with Nesterov momentum or Adam (which uses
-    neither momentum nor weight decay), cosine decay of the learning rate from `lr` to
-    `lr * min_lr_frac`. All of it is part of the teacher cache's key."""
-    arch: str = setting("cnn", "architecture of the teacher, and of the student unless "
-                        "--student-arch: cnn (small CNN with global pooling), lenet (a fully "
-                        "connected head, no global pooling), resnet18", flag="--arch")
-    width: int = setting(32, "channels of the teacher's first block", check="count")
-    steps: int = setting(1500, "teacher training steps", check="count")
-    batch_size: int = setting(64, "teacher batch size", check="count")
-    lr: float = setting(0.05, "teacher's peak learning rate", check="positive")
-    optimizer: str = setting("sgd", "sgd (Nesterov momentum) or adam", choices=("sgd", "adam"))
-    momentum: float = setting(0.9, "SGD momentum", check="fraction")
-    weight_decay: float = setting(5e-4, "SGD weight decay", check="fraction")
-    min_lr_frac: float = setting(0.01, "final learning rate / peak", check="fraction")
-    seed: int = setting(0, "initialisation and batch order (set by --seed)", flag="")
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """How a student is distilled with one of LOSSES. Adam (no weight decay) with cosine decay from
-    `lr` to `lr * min_lr_frac`: the losses differ in scale by orders of magnitude, Adam's step size
-    does not. The student is built from `arch`, `width` and `seed + 1`; its batches and random
-    projections come from `seed`."""
-    loss: str = setting("kl", "ce: labels only (no teacher); kl: KL to the teacher's softened "
-                        "outputs; jacobian: (1-alpha) KL + alpha Jacobian matching; contrastive: "
-                        "(1-alpha) KL + alpha InfoNCE", choices=("ce", "kl", "jacobian",
-                                                                  "contrastive"))
-    arch: Optional[str] = setting(None, "the student's architecture when it differs from the "
-                                  "teacher's", flag="--student-arch")
-    width: int = setting(16, "channels of the student's first block", check="count",
-                         flag="--student-width")
-    steps: int = setting(600, "student training steps", check="count")
-    batch_size: int = setting(64, "student batch size", check="count")
-    lr: float = setting(1e-3, "student's peak learning rate (Adam)", check="positive")
-    min_lr_frac: float = setting(0.01, "final learning rate / peak", check="fraction",
-                                 flag="--min-lr-frac")
-    alpha: Optional[float] = setting(None, "weight of the Jacobian or contrastive term (default: "
-                                     "the script's ALPHA for the loss)", check="fraction",
-                                     per_loss=True)
-    temperature: float = setting(4.0, "KL distillation temperature T", check="positive",
-                                 per_loss=True)
-    t2: bool = setting(True, "plain KL times Hinton's factor T^2", per_loss=True)
-    mixture_t2: bool = setting(False, "a jacobian or contrastive mixture's KL term times T^2 "
-                               "too (off: it would weigh KL T^2 times more than alpha says)",
-                               per_loss=True)
-    jacobian_method: str = setting("auto", "how exact Jacobians are computed; auto: the fastest "
-                                   "measured", choices=JACOBIAN_METHODS, bookkeeping=True)
-    jacobian_estimator: str = setting("exact", "exact: all classes (or --top-k); projection: "
-                                      "--projections random projections of the logits",
-                                      choices=("exact", "projection"), per_loss=True)
-    projections: int = setting(1, "K for --jacobian-estimator projection", check="count",
-                               per_loss=True)
-    top_k: Optional[int] = setting(None, "match only the teacher's top-k classes' Jacobian rows",
-                                   check="count", per_loss=True)
-    contrastive_temperature: float = setting(0.1, "InfoNCE temperature", check="positive",
-                                             per_loss=True)
-    contrastive_dim: int = setting(128, "dimension of the contrastive heads", check="count",
-                                   per_loss=True)
-    contrastive_negatives: str = setting(
-        "batch", "InfoNCE negatives: every other sample of the batch; only those of the same "
-        "label; or the batch plus up to --contrastive-bank other training samples (the "
-        "teacher's features, precomputed)", choices=("batch", "same-class", "dataset"),
-        per_loss=True)
-    contrastive_bank: int = setting(4096, "extra negatives with --contrastive-negatives dataset",
-                                    check="count", per_loss=True)
-    eval_every: Optional[int] = setting(None, "steps between two points of the curves "
-                                        "(default steps/10)", check="count", bookkeeping=True)
-    seed: int = setting(0, "batch order and projections (set by --seed)", flag="")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch so one seed on one machine gives the same numbers."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- data, configurations
@@ -138,20 +36,17 @@ class TensorSet(NamedTuple):
 
 
 def parse_config(spec: str, letters: Optional[str] = None) -> dict[str, str]:
-    """Parse a configuration such as `IA`, `I+rA` or `rI+A` into {letter: label|random|absent}.
-
-    Upper-case letters carry the label; a part starting with `r` lists randomised mechanisms
-    (present, drawn independently of the label); the `letters` not named are absent. Without
-    `letters`, any upper-case letter is a mechanism (only those named are returned).
-    """
+    """A configuration such as `IA`, `I+rA` or `rI+A` as {letter: label|random|absent}: upper-case
+    letters carry the label, a part starting with `r` lists randomised ones, the `letters` not
+    named are absent (without `letters`, any upper-case letter named is a mechanism)."""
     roles = {letter: "absent" for letter in letters or ""}
     for part in spec.split("+"):
         role, names = ("random", part[1:]) if part.startswith("r") else ("label", part)
         if not names:
-            raise UserError(f"configuration '{spec}' has an empty part; write e.g. IA, I+rA or rI+A")
+            raise UserError(f"configuration '{spec}' has an empty part; write e.g. IA or I+rA")
         for letter in names:
-            if letters is None and letter.isupper() and letter not in roles:
-                roles[letter] = "absent"
+            if letters is None and letter.isupper():
+                roles.setdefault(letter, "absent")
             if letter not in roles:
                 known = ", ".join(letters) if letters else "upper-case letters"
                 raise UserError(f"configuration '{spec}' names mechanism '{letter}', but this data "
@@ -180,8 +75,17 @@ def spurious_values(y: torch.Tensor, frac: float, num_values: int,
 
 class SequentialNet(nn.Module):
     """A `body` (nn.Sequential) of convolutions, ReLUs, max-pools, pooling, flattening and linear
-    layers, then a linear `classifier`; no BatchNorm, so per-sample input Jacobians never mix
-    samples, and a hand-written input backward pass (`input_vjp`) for fast Jacobian matching."""
+    layers, then a linear `classifier`: no BatchNorm, so input Jacobians never mix samples.
+    He-normal weights and zero biases in the body (each of its layers is followed by a ReLU)."""
+
+    def __init__(self, body: nn.Sequential, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.body, self.feature_dim = body, feature_dim
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        for m in body:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -192,14 +96,9 @@ class SequentialNet(nn.Module):
     def input_vjp(self, x: torch.Tensor,
                   selectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, C] and the rows selectors[k, b] . d logits_b / d x_b, [K, B, *x.shape[1:]],
-        by a hand-written backward pass made of ordinary differentiable ops (ReLU masks,
-        max_unpool2d, convolutions), one pass per row after a single forward pass.
-
-        The rows equal autograd's. What differs is their derivative, which Jacobian matching needs
-        at every step: autograd differentiates its own convolution backward with a weight-gradient
-        formula that is slow on CPU (a convolution whose kernel is a whole feature map), while
-        here the transposed convolution is an ordinary one, whose weight gradient is fast.
-        """
+        by a hand-written backward pass of ordinary ops, one per row after one forward pass. The
+        rows equal autograd's; their derivative is faster on CPU: autograd differentiates its
+        convolution backward with a slow weight-gradient formula, here it is a plain convolution."""
         tape = []
         h = x
         for layer in self.body:
@@ -236,34 +135,19 @@ class SequentialNet(nn.Module):
         return logits, torch.stack(rows)
 
 
-def _he_init(layers) -> None:
-    """He-normal weights and zero biases for the layers followed by a ReLU."""
-    for m in layers:
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-
-
 class SmallCNN(SequentialNet):
-    """Three conv blocks and global average pooling; `width` sets the size (teacher > student).
-
-    He-normal init: with torch's default the pooled features barely vary between natural-looking
-    images (about 1e-3), so a local shape cue is not learned at all while a global one (a colour)
-    is."""
+    """Three conv blocks and global average pooling; `width` sets the size. He-normal init: with
+    torch's default the pooled features barely vary between images (about 1e-3), and a local
+    shape cue is not learned at all while a global one (a colour) is."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
-        super().__init__()
         w = width
-        self.body = nn.Sequential(
+        super().__init__(nn.Sequential(
             nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
             nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.feature_dim = 4 * w
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
-        _he_init(self.body)
+            nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * w, num_classes)
 
 
 class LeNet(SequentialNet):
@@ -273,79 +157,60 @@ class LeNet(SequentialNet):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16,
                  input_size: tuple[int, int] = (28, 28)):
-        super().__init__()
         w, (h, v) = width, input_size
-        self.body = nn.Sequential(
+        super().__init__(nn.Sequential(
             nn.Conv2d(in_channels, w, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(2 * w * (h // 4) * (v // 4), 8 * w), nn.ReLU(),
-        )
-        self.feature_dim = 8 * w
+            nn.Linear(2 * w * (h // 4) * (v // 4), 8 * w), nn.ReLU()), 8 * w, num_classes)
+
+
+class TorchvisionNet(nn.Module):
+    """torchvision's standard ResNet (resnet18, resnet50: ImageNet stem, widths and Kaiming fan-out
+    init) with a linear `classifier` on its pooled features. It has BatchNorm: in training mode a
+    sample's logits depend on its batch, so a student's Jacobian includes that (O(1/batch)) term.
+    `pretrained`: ImageNet weights, with ImageNet's input normalisation inside the model, so that
+    Jacobians are still taken on the [0, 1] image."""
+
+    def __init__(self, arch: str, in_channels: int, num_classes: int, pretrained: bool = False):
+        super().__init__()
+        import torchvision
+        weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
+        try:
+            body = torchvision.models.get_model(arch, weights=weights)
+        except Exception as e:  # offline (URLError), corrupt download, ...
+            file = f"{torch.hub.get_dir()}/checkpoints/{weights.url.rsplit('/', 1)[-1]}"
+            raise UserError(f"cannot fetch torchvision's ImageNet weights for {arch} "
+                            f"({type(e).__name__}); they are downloaded once to {file}: run once "
+                            f"with internet access or copy the file there (TORCH_HOME moves the "
+                            f"folder), or drop --pretrained")
+        if in_channels != 3:
+            body.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.feature_dim, body.fc, self.body = body.fc.in_features, nn.Identity(), body
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-        _he_init(self.body)
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 for small images (3x3 stem, no max-pool), for GPU runs.
-
-    It has BatchNorm: in training mode a sample's logits depend on the rest of the batch, so the
-    Jacobian computed during distillation includes that (small, O(1/batch)) cross-sample term.
-    """
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64):
-        super().__init__()
-        widths = [width, 2 * width, 4 * width, 8 * width]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
-        blocks, cin = [], width
-        for i, cout in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            blocks += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.feature_dim = cin
-        self.classifier = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if pretrained else (0.0, 1.0)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+        return self.body((x - self.mean) / self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-ARCHS = ("cnn", "lenet", "resnet18")
+ARCHS = ("cnn", "lenet", "resnet18", "resnet50")
 
 
 def build_model(arch: str, in_channels: int, num_classes: int, width: int,
-                input_size: tuple[int, int] = (32, 32)) -> nn.Module:
-    """`cnn` (SmallCNN, width = channels of the first block), `lenet` (LeNet, the same, for images
-    of `input_size`) or `resnet18` (width = 64 is standard)."""
+                input_size: tuple[int, int] = (32, 32), pretrained: bool = False) -> nn.Module:
+    """`cnn` (SmallCNN; width = channels of the first block), `lenet` (LeNet, the same, for images
+    of `input_size`) or torchvision's `resnet18` / `resnet50` (standard widths, `width` unused)."""
     if arch == "cnn":
         return SmallCNN(in_channels, num_classes, width)
     if arch == "lenet":
         return LeNet(in_channels, num_classes, width, tuple(input_size))
-    if arch == "resnet18":
-        return ResNet18(in_channels, num_classes, width)
+    if arch in ARCHS:
+        return TorchvisionNet(arch, in_channels, num_classes, pretrained)
     raise UserError(f"unknown architecture '{arch}'; use {', '.join(ARCHS)}")
 
 
@@ -358,8 +223,7 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class ContrastiveHeads(nn.Module):
-    """Linear projections of student and teacher features to a shared space, trained with the
-    student."""
+    """Linear projections of student and teacher features to one space, trained with the student."""
 
     def __init__(self, student_dim: int, teacher_dim: int, dim: int = 128):
         super().__init__()
@@ -382,18 +246,11 @@ def info_nce(student_features: torch.Tensor, teacher_features: torch.Tensor,
              heads: ContrastiveHeads, temperature: float = 0.1,
              labels: Optional[torch.Tensor] = None,
              bank_features: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """In-batch InfoNCE (CRD without the memory bank): the positive of student sample i is teacher
-    sample i, every other sample of the batch is a negative; symmetric in the two directions.
-
-    `bank_features`: the teacher's features of other training samples, extra negatives for each
-    student sample (CRD's many negatives; the teacher is frozen and its features precomputed, so
-    they are never stale). The teacher-to-student direction stays in-batch.
-
-    With `labels`, only samples of the same label are negatives. Where a spurious cue identifies
-    the class (colour on `IA` data), features that encode the class alone already separate a
-    sample from the other classes' negatives; against same-class negatives only the teacher's
-    finer features (the digit's shape) identify the positive. A sample alone in its class has no
-    negative and adds log 1 = 0."""
+    """In-batch InfoNCE (CRD without the memory bank), symmetric: the positive of student sample i
+    is teacher sample i, the batch's other samples are negatives. `bank_features`: the teacher's
+    (precomputed, never stale) features of other training samples, extra negatives of the
+    student-to-teacher direction. `labels`: only same-label negatives, which a cue that
+    identifies the class cannot tell apart (a sample alone in its class adds log 1 = 0)."""
     zs = F.normalize(heads.student(student_features), dim=1)
     zt = F.normalize(heads.teacher(teacher_features), dim=1)
     logits = zs @ zt.t() / temperature
@@ -428,23 +285,17 @@ def projection_selectors(num_projections: int, batch: int, num_classes: int, dev
 
 def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, create_graph: bool,
                    method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and the selected rows of d logits / d input: ([B, C], [B, K, D]).
-
-    Row k of sample b is selectors[k, b] . d logits_b / d x_b. `loop` runs one backward pass per
-    row; `batched` uses autograd's is_grads_batched; `vmap` uses torch.func; `explicit` the
-    model's own hand-written backward pass (SequentialNet.input_vjp); `auto` the fastest measured
-    for the model and device. With `create_graph` the rows stay differentiable with respect to
-    the model's parameters.
-    """
+    """Logits and rows of d logits / d input, ([B, C], [B, K, D]): row k of sample b is
+    selectors[k, b] . d logits_b / d x_b, by one backward pass per row (`loop`), autograd's
+    is_grads_batched (`batched`), torch.func (`vmap`), the model's `input_vjp` (`explicit`) or the
+    fastest measured (`auto`); with `create_graph` they stay differentiable in the parameters."""
     if method == "auto":
         method = default_jacobian_method(x.device, model)
     x = x.detach().requires_grad_(method != "explicit")  # explicit never differentiates in x
     if method == "vmap":
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-               for m in model.modules()):
-            raise UserError("--jacobian-method vmap cannot differentiate a model with BatchNorm in "
-                            "training mode (torch.func forbids the running-statistics update); "
-                            "use loop or batched")
+        if any(isinstance(m, nn.BatchNorm2d) and m.training for m in model.modules()):
+            raise UserError("--jacobian-method vmap cannot differentiate BatchNorm in training "
+                            "mode; use loop or batched")
         logits, vjp_fn = torch.func.vjp(model, x)
         (rows,) = torch.func.vmap(vjp_fn)(selectors)
     elif method == "explicit":
@@ -459,13 +310,10 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, c
             if method == "batched":
                 (rows,) = torch.autograd.grad(logits, x, selectors, is_grads_batched=True,
                                               create_graph=create_graph, retain_graph=create_graph)
-            elif method == "loop":
+            else:  # loop
                 rows = torch.stack([torch.autograd.grad(logits, x, sel, create_graph=create_graph,
                                                         retain_graph=True)[0]
                                     for sel in selectors])
-            else:
-                raise UserError(f"unknown Jacobian method '{method}'; use "
-                                f"{', '.join(JACOBIAN_METHODS)}")
     if not create_graph:
         rows, logits = rows.detach(), logits.detach()
     return logits, rows.flatten(2).transpose(0, 1)
@@ -473,19 +321,16 @@ def input_jacobian(model: nn.Module, x: torch.Tensor, selectors: torch.Tensor, c
 
 def jacobian_distance(student_jac: torch.Tensor, teacher_jac: torch.Tensor,
                       eps: float = 1e-8) -> torch.Tensor:
-    """Batch mean of || Jt/|Jt| - Js/|Js| ||_2, each sample's Jacobian flattened and
-    L2-normalised."""
-    js = student_jac.flatten(1)
-    jt = teacher_jac.flatten(1)
+    """Batch mean of || Jt/|Jt| - Js/|Js| ||_2, each sample's Jacobian flattened, L2-normalised."""
+    js, jt = student_jac.flatten(1), teacher_jac.flatten(1)
     js = js / (js.norm(dim=1, keepdim=True) + eps)
     jt = jt / (jt.norm(dim=1, keepdim=True) + eps)
     return torch.linalg.vector_norm(jt - js, dim=1).mean()
 
 
 def default_jacobian_method(device: torch.device, model: Optional[nn.Module] = None) -> str:
-    """The fastest exact method measured for the device (analysis/bench_losses.py): on a CPU the
-    hand-written backward pass where the model has one, else one backward pass per class;
-    `batched` on CUDA."""
+    """The fastest exact method measured (analysis/bench_losses.py): `batched` on CUDA; on a CPU
+    the model's hand-written backward pass, else one backward pass per class."""
     if device.type != "cpu":
         return "batched"
     return "explicit" if hasattr(model, "input_vjp") else "loop"
@@ -502,9 +347,8 @@ def top_classes(teacher_logits: torch.Tensor, top_k: Optional[int]) -> Optional[
 # ----------------------------------------------------------------------------- losses
 
 class Batch(NamedTuple):
-    """What a loss sees at one step: the models, the teacher's precomputed `targets` on the
-    training set (teacher_targets), the batch (`idx` are its rows in the training set), the
-    settings, the loss's trained auxiliary module and the run's random generator."""
+    """What a loss sees at one step: the teacher's precomputed `targets` on the training set, the
+    batch (`idx`: its rows there), the loss's trained auxiliary module, the run's generator."""
     student: nn.Module
     teacher: nn.Module
     targets: dict
@@ -567,11 +411,9 @@ def contrastive_terms(b: Batch) -> dict:
 
 
 class Loss(NamedTuple):
-    """A loss in one place: its terms for one batch ({name: (weight, value)}), what it reads from
-    the teacher's precomputed targets on the training set, the default weight `alpha` of its own
-    term in (1 - alpha) KL + alpha term (None: no second term; a script's ALPHA overrides it for
-    its experiment), and the trained auxiliary module it builds from (student, teacher,
-    settings), if any."""
+    """A loss in one place: its terms for one batch ({name: (weight, value)}), what it reads of
+    the teacher's targets, the default `alpha` of its own term in (1 - alpha) KL + alpha term
+    (None: plain; a script's ALPHA overrides it) and the trained module it builds, if any."""
     terms: Callable[[Batch], dict]
     needs: tuple = ()  # of "logits", "features", "jacobian"
     alpha: Optional[float] = None
@@ -655,10 +497,8 @@ def pair_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: 
 def teacher_metrics(teacher_logits: torch.Tensor, y: torch.Tensor,
                     group: Optional[torch.Tensor] = None) -> dict:
     pred = teacher_logits.argmax(1)
-    out = {"acc": (pred == y).float().mean().item()}
-    if group is not None:
-        out.update(group_accuracy(pred, y, group))
-    return out
+    return {"acc": (pred == y).float().mean().item(),
+            **(group_accuracy(pred, y, group) if group is not None else {})}
 
 
 def evaluate_student(student: nn.Module, test_sets: dict[str, TensorSet],
@@ -671,23 +511,18 @@ def evaluate_student(student: nn.Module, test_sets: dict[str, TensorSet],
 
 # ----------------------------------------------------------------------------- training
 
-def to_device(data: TensorSet, device: torch.device) -> TensorSet:
-    """The whole data set on the device, once: batches are then index operations there."""
-    return TensorSet(*(None if t is None else t.to(device) for t in data))
-
-
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
-    """Indices of `steps` mini-batches, reshuffled every epoch, last partial batch dropped."""
+    """(step, indices) of `steps` mini-batches, reshuffled every epoch, the last partial batch
+    dropped."""
     batch_size = min(batch_size, n)
-    per_epoch = n // batch_size
     step = 0
-    while step < steps:
+    while True:
         perm = torch.randperm(n, generator=generator)
-        for i in range(per_epoch):
+        for i in range(n // batch_size):
             if step == steps:
                 return
-            yield perm[i * batch_size:(i + 1) * batch_size]
             step += 1
+            yield step, perm[i * batch_size:(i + 1) * batch_size]
 
 
 def _optimizer(params, settings, kind: str):
@@ -713,21 +548,15 @@ def _update(loss: torch.Tensor, opt, sched, step: int, what: str) -> None:
     sched.step()
 
 
-def _progress(total: int, desc: str) -> tqdm:
-    """A progress bar on a terminal; silent in logs (evaluation lines are printed instead)."""
-    return tqdm(total=total, desc=desc, disable=None, leave=False, dynamic_ncols=True)
-
-
 def train_teacher(model: nn.Module, train: TensorSet, settings: TeacherSettings,
                   device: torch.device) -> nn.Module:
     """Cross-entropy training as `settings` say; returns the model frozen in eval mode."""
     model.to(device).train()
-    train = to_device(train, device)
+    train = TensorSet(*(None if t is None else t.to(device) for t in train))  # batches: indexing
     opt, sched = _optimizer(model.parameters(), settings, settings.optimizer)
     gen = torch.Generator().manual_seed(settings.seed)
-    with _progress(settings.steps, "teacher") as bar:
-        for step, idx in enumerate(_batches(len(train.y), settings.batch_size, settings.steps,
-                                            gen), 1):
+    with tqdm(total=settings.steps, desc="teacher", disable=None, leave=False) as bar:
+        for step, idx in _batches(len(train.y), settings.batch_size, settings.steps, gen):
             idx = idx.to(device)
             loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
             _update(loss, opt, sched, step, "teacher")
@@ -740,9 +569,8 @@ def train_teacher(model: nn.Module, train: TensorSet, settings: TeacherSettings,
 def teacher_targets(teacher: nn.Module, x: torch.Tensor, needs: tuple = ("logits", "features"),
                     top_k: Optional[int] = None, method: str = "auto", batch_size: int = 256,
                     max_bytes: float = 2e9) -> dict:
-    """The teacher's outputs that a loss `needs` on a fixed training set: logits, features and
-    (when they fit in `max_bytes`) input Jacobians, computed once so that distillation never runs
-    the teacher per step (logits are always computed: the Jacobian rows depend on them)."""
+    """The teacher's outputs a loss `needs` on the fixed training set, computed once: logits
+    (always), features, input Jacobians (when they fit in `max_bytes`)."""
     device = next(teacher.parameters()).device
     out = {"logits": predict(teacher, x, batch_size)}
     if "features" in needs:
@@ -777,38 +605,30 @@ def distillation_objective(student: nn.Module, teacher: nn.Module, targets: dict
 def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, settings: DistillSettings,
             device: torch.device, test_sets: Optional[dict[str, TensorSet]] = None,
             log: Callable[[str], None] = print) -> dict:
-    """Train `student` against a frozen `teacher` on `train` as `settings` say; returns the curves
-    (student metrics on `test_sets` every settings.eval_every steps), the loss's trained auxiliary
-    module, the teacher's logits on `test_sets` and timing. The teacher's outputs on the fixed
-    training set are computed once, before the first step."""
-    if settings.loss not in LOSSES:
-        raise UserError(f"unknown loss '{settings.loss}'; use one of {', '.join(LOSSES)}")
+    """Train `student` against a frozen `teacher` on `train`; returns the curves (metrics on
+    `test_sets` every eval_every steps), the loss's trained module, the teacher's logits on
+    `test_sets` and timing. The teacher's outputs on `train` are computed once, before step 1."""
     loss, settings = LOSSES[settings.loss], with_alpha(settings)
     freeze(teacher.to(device))
     student.to(device).train()
     t_start = time.perf_counter()
-    train = to_device(train, device)
-    targets = {}
-    if loss.needs:
-        top_k = None if settings.jacobian_estimator == "projection" else settings.top_k
-        targets = teacher_targets(teacher, train.x, loss.needs, top_k, settings.jacobian_method)
-    params = list(student.parameters())
-    aux = None
-    if loss.aux is not None:
-        aux = loss.aux(student, teacher, settings).to(device)
-        params += list(aux.parameters())  # trained with the student
+    train = TensorSet(*(None if t is None else t.to(device) for t in train))
+    top_k = None if settings.jacobian_estimator == "projection" else settings.top_k
+    targets = teacher_targets(teacher, train.x, loss.needs, top_k, settings.jacobian_method) \
+        if loss.needs else {}
+    aux = loss.aux(student, teacher, settings).to(device) if loss.aux else None
+    params = list(student.parameters()) + (list(aux.parameters()) if aux else [])  # aux: trained
     opt, sched = _optimizer(params, settings, "adam")
     objective = distillation_objective(student, teacher, targets, settings, aux,
                                        torch.Generator(device=device).manual_seed(settings.seed))
     teacher_logits = {name: predict(teacher, s.x).cpu() for name, s in (test_sets or {}).items()}
     batch_gen = torch.Generator().manual_seed(settings.seed)
-    curves: list[dict] = []
-    t_prep = time.perf_counter() - t_start
+    curves, every = [], settings.eval_every or 0
     t_train = time.perf_counter()
-    every = settings.eval_every or 0
-    with _progress(settings.steps, f"student ({settings.loss})") as bar:
-        for step, idx in enumerate(_batches(len(train.y), settings.batch_size, settings.steps,
-                                            batch_gen), 1):
+    t_prep = t_train - t_start
+    with tqdm(total=settings.steps, desc=f"student ({settings.loss})", disable=None,
+              leave=False) as bar:  # a bar on a terminal, silent in logs
+        for step, idx in _batches(len(train.y), settings.batch_size, settings.steps, batch_gen):
             idx = idx.to(device)
             terms = objective(train.x[idx], train.y[idx], idx)
             total = total_loss(terms)

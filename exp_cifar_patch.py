@@ -59,17 +59,18 @@ EXPERIMENT = "cifar_patch"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
 DOMINO_TEST_CONFIGS = ("B", "IB", "AB", "IAB", "I+rB", "IA+rB", "I+rA+rB")
 NUM_CLASSES = 10
-DATA_VERSION = 2  # bump when the shapes generator or the rendering changes (part of the teacher cache key)
-MANDELBROT_NOTE = ("--patch-pattern mandelbrot: the pattern encodes the class as well as the position, so a test "
-                   "that randomised only the position would still leave the pattern predictive; here a randomised "
-                   "patch takes both from a random class")
+# bump when the shapes generator or the rendering changes (part of the teacher cache key)
+DATA_VERSION = 2
+MANDELBROT_NOTE = ("--patch-pattern mandelbrot: the pattern encodes the class as well as the "
+                   "position, so a test that randomised only the position would still leave the "
+                   "pattern predictive; here a randomised patch takes both from a random class")
 
 # ----------------------------------------------------------------------------- settings
-# How teacher and student are trained: the values that differ from common.TeacherSettings' and
-# common.DistillSettings' defaults. Every field is a flag (--teacher-steps, --lr, ...); the run
+# How teacher and student are trained: the values that differ from harness.TeacherSettings' and
+# harness.DistillSettings' defaults. Every field is a flag (--teacher-steps, --lr, ...); the run
 # prints both settings and the result JSON stores them as the run used them.
-TEACHER = common.TeacherSettings(width=16, lr=0.03)
-DISTILL = common.DistillSettings(width=8, steps=1000, lr=0.01)
+TEACHER = harness.TeacherSettings(width=16, lr=0.03)
+DISTILL = harness.DistillSettings(width=8, steps=1000, lr=0.01)
 # The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the
 # largest that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
 # Here none did (the teacher never saw the patch, so following it costs accuracy on IA): the
@@ -121,34 +122,40 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     harness.check_value(args.spurious_frac, "fraction", "--spurious-frac")
     harness.check_value(args.spurious_frac_b, "fraction", "--spurious-frac-b")
     letters = "IAB" if args.dominoes else "IA"
-    for flag, config in (("--teacher-config", args.teacher_config), ("--student-config", args.student_config)):
+    for flag, config in (("--teacher-config", args.teacher_config),
+                         ("--student-config", args.student_config)):
         try:
             common.parse_config(config, letters)
         except common.UserError as e:
-            hint = " (add --dominoes for mechanism B)" if "B" in config and not args.dominoes else ""
+            hint = (" (add --dominoes for mechanism B)" if "B" in config and not args.dominoes
+                    else "")
             raise common.UserError(f"{flag}: {e}{hint}")
     if args.n_train < 0 or args.n_test < 0:
         raise common.UserError("--n-train and --n-test must be at least 0 (0 = all)")
     needs_root = args.data == "cifar10" or args.dominoes and args.domino_data != "digits"
     if needs_root and not args.data_root:
-        raise common.UserError("--data cifar10 and --domino-data fashionmnist/mnist need --data-root DIR "
-                               "(the folder that holds the data set, or where to --download it)")
+        raise common.UserError("--data cifar10 and --domino-data fashionmnist/mnist need "
+                               "--data-root DIR (the folder that holds the data set, or where to "
+                               "--download it)")
     if needs_root and not os.path.isdir(args.data_root) and not args.download:
-        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy of the data or add --download")
+        raise common.UserError(f"--data-root {args.data_root} does not exist; point it at a copy "
+                               f"of the data or add --download")
     return args
 
 
-# ----------------------------------------------------------------------------- data: images (mechanism I)
+# ----------------------------------------------------------------------- data: images (mechanism I)
 
 def _shape_distance(k: int, u: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Signed distance-like function of shape k at rotated coordinates (u, v), radius s: negative inside."""
+    """Signed distance-like function of shape k at rotated coordinates (u, v), radius s: negative
+    inside."""
     r = torch.sqrt(u ** 2 + v ** 2)
     if k == 0:  # disk
         return r - s
     if k == 1:  # square
         return torch.maximum(u.abs(), v.abs()) - 0.8 * s
     if k == 2:  # equilateral triangle
-        sides = [u * math.cos(a) + v * math.sin(a) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        sides = [u * math.cos(a) + v * math.sin(a)
+                 for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
         return torch.stack(sides).amax(0) - 0.5 * s
     if k == 3:  # plus
         arm = lambda a, b: torch.maximum(a.abs() - s, b.abs() - 0.3 * s)
@@ -162,11 +169,13 @@ def _shape_distance(k: int, u: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -
     if k == 7:  # crescent: the disk minus a shifted disk
         return torch.maximum(r - s, 0.8 * s - torch.sqrt((u - 0.45 * s) ** 2 + v ** 2))
     if k == 8:  # pair of dots
-        return torch.minimum(torch.sqrt((u - 0.55 * s) ** 2 + v ** 2), torch.sqrt((u + 0.55 * s) ** 2 + v ** 2)) - 0.42 * s
+        return torch.minimum(torch.sqrt((u - 0.55 * s) ** 2 + v ** 2),
+                             torch.sqrt((u + 0.55 * s) ** 2 + v ** 2)) - 0.42 * s
     return torch.maximum(r - s, v)  # 9: half disk
 
 
-def make_shapes(n: int, seed: int, size: int = 32, clutter: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def make_shapes(n: int, seed: int, size: int = 32,
+                clutter: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """The offline stand-in for CIFAR-10: n images [n, 3, size, size] in [0, 1] and balanced labels.
 
     Every random choice is drawn for all images at once; each class's shape is one vectorised call.
@@ -179,8 +188,10 @@ def make_shapes(n: int, seed: int, size: int = 32, clutter: int = 2) -> tuple[to
     # background: a random colour with a linear gradient in a random direction
     bg = 0.45 * rand(n, 3)  # dark backgrounds, bright objects: the edge's polarity is fixed
     direction = rand(n) * 2 * math.pi
-    ramp = ((gx - size / 2) * torch.cos(direction)[:, None, None] + (gy - size / 2) * torch.sin(direction)[:, None, None]) / size
-    x = (bg[:, :, None, None] + 0.4 * (rand(n, 3) - 0.5)[:, :, None, None] * ramp[:, None]).clamp(0, 1)
+    ramp = ((gx - size / 2) * torch.cos(direction)[:, None, None]
+            + (gy - size / 2) * torch.sin(direction)[:, None, None]) / size
+    x = (bg[:, :, None, None]
+         + 0.4 * (rand(n, 3) - 0.5)[:, :, None, None] * ramp[:, None]).clamp(0, 1)
     # distractors: ellipses of random size, elongation, orientation and colour, anywhere
     for _ in range(clutter):
         cx, cy, angle = rand(n) * size, rand(n) * size, rand(n) * math.pi
@@ -190,10 +201,12 @@ def make_shapes(n: int, seed: int, size: int = 32, clutter: int = 2) -> tuple[to
         v = -du * torch.sin(angle)[:, None, None] + dv * torch.cos(angle)[:, None, None]
         dist = torch.sqrt((u / a[:, None, None]) ** 2 + (v / (a * b)[:, None, None]) ** 2) - 1
         mask = torch.sigmoid(-dist * a[:, None, None] / 0.5)[:, None]
-        x = x * (1 - mask) + rand(n, 3)[:, :, None, None] * mask  # any colour: some as bright as objects
+        # any colour: some as bright as objects
+        x = x * (1 - mask) + rand(n, 3)[:, :, None, None] * mask
     # the object: random radius, centre, rotation; a colour that differs from the background
     s = 7 + 4 * rand(n)
-    cx, cy, angle = size / 2 + (rand(n) - 0.5) * 6, size / 2 + (rand(n) - 0.5) * 6, (rand(n) - 0.5) * math.pi / 3
+    cx, cy, angle = (size / 2 + (rand(n) - 0.5) * 6, size / 2 + (rand(n) - 0.5) * 6,
+                     (rand(n) - 0.5) * math.pi / 3)
     du, dv = gx - cx[:, None, None], gy - cy[:, None, None]
     u = du * torch.cos(angle)[:, None, None] + dv * torch.sin(angle)[:, None, None]
     v = -du * torch.sin(angle)[:, None, None] + dv * torch.cos(angle)[:, None, None]
@@ -205,7 +218,8 @@ def make_shapes(n: int, seed: int, size: int = 32, clutter: int = 2) -> tuple[to
     fg = 0.55 + 0.45 * rand(n, 3)
     # texture: stripes of random frequency and direction on half of the objects
     beta, freq, striped = rand(n) * math.pi, 0.8 + 1.2 * rand(n), (rand(n) < 0.5).float()
-    stripes = torch.sin(freq[:, None, None] * (u * torch.cos(beta)[:, None, None] + v * torch.sin(beta)[:, None, None]))
+    stripes = torch.sin(freq[:, None, None] * (u * torch.cos(beta)[:, None, None]
+                                               + v * torch.sin(beta)[:, None, None]))
     shade = 1 - 0.35 * striped[:, None, None] * (1 + stripes)
     x = x * (1 - mask) + fg[:, :, None, None] * shade[:, None] * mask
     x = x + 0.06 * torch.randn(x.shape, generator=g)
@@ -213,7 +227,8 @@ def make_shapes(n: int, seed: int, size: int = 32, clutter: int = 2) -> tuple[to
 
 
 def read_cifar_batches(folder: str, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read CIFAR-10's pickled python batches (the files torchvision's CIFAR10 reads) as [N, 3, 32, 32] in [0, 1]."""
+    """Read CIFAR-10's pickled python batches (the files torchvision's CIFAR10 reads) as
+    [N, 3, 32, 32] in [0, 1]."""
     xs, ys = [], []
     for name in names:
         path = os.path.join(folder, name)
@@ -223,14 +238,18 @@ def read_cifar_batches(folder: str, names: list[str]) -> tuple[torch.Tensor, tor
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(entry["labels"], dtype=np.int64)
         except OSError:
-            raise common.UserError(f"cannot read {path}; --data-root must hold cifar-10-batches-py/ with data_batch_1..5 "
-                                   f"and test_batch (CIFAR-10 python version), or add --download")
+            raise common.UserError(f"cannot read {path}; --data-root must hold "
+                                   f"cifar-10-batches-py/ with data_batch_1..5 and test_batch "
+                                   f"(CIFAR-10 python version), or add --download")
         except Exception as e:  # not a pickle, wrong keys, wrong size
-            raise common.UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}); replace it with the "
-                                   f"original file or delete the folder and add --download")
-        if len(data) == 0 or len(labels) != len(data) or labels.min(initial=0) < 0 or labels.max(initial=0) >= NUM_CLASSES:
-            raise common.UserError(f"{path} has {len(data)} images and {len(labels)} labels (labels must be 0..9, at "
-                                   f"least one image); replace it with the original file")
+            raise common.UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}); "
+                                   f"replace it with the original file or delete the folder and "
+                                   f"add --download")
+        if (len(data) == 0 or len(labels) != len(data) or labels.min(initial=0) < 0
+                or labels.max(initial=0) >= NUM_CLASSES):
+            raise common.UserError(f"{path} has {len(data)} images and {len(labels)} labels "
+                                   f"(labels must be 0..9, at least one image); replace it with "
+                                   f"the original file")
         xs.append(torch.from_numpy(data))
         ys.append(torch.from_numpy(labels))
     return torch.cat(xs).float() / 255, torch.cat(ys)
@@ -241,7 +260,8 @@ def load_images(data: str, root: Optional[str], download: bool, n_train: int,
     """Images [N, 3, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x, test_y). The
     generated shapes are n_train and n_test images (0: 10,000 and 2,000); CIFAR-10 is read whole."""
     if data == "shapes":
-        train_x, train_y = make_shapes(n_train or 10000, seed=1000)  # a fixed data set for every seed
+        # a fixed data set for every seed
+        train_x, train_y = make_shapes(n_train or 10000, seed=1000)
         test_x, test_y = make_shapes(n_test or 2000, seed=2000)
         return train_x, train_y, test_x, test_y
     folder = os.path.join(root, "cifar-10-batches-py")
@@ -251,34 +271,40 @@ def load_images(data: str, root: Optional[str], download: bool, n_train: int,
             CIFAR10(root, train=True, download=True)
         except Exception as e:
             raise common.UserError(f"cannot download CIFAR-10 into {root}: {harness.first_line(e)}")
-    missing = [n for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if not os.path.exists(os.path.join(folder, n))]
+    missing = [n for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+               if not os.path.exists(os.path.join(folder, n))]
     if missing:
-        raise common.UserError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; point --data-root at the folder "
-                               f"that holds cifar-10-batches-py/ (the python version) or add --download")
+        raise common.UserError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; point "
+                               f"--data-root at the folder that holds cifar-10-batches-py/ (the "
+                               f"python version) or add --download")
     train_x, train_y = read_cifar_batches(folder, [f"data_batch_{i}" for i in range(1, 6)])
     test_x, test_y = read_cifar_batches(folder, ["test_batch"])
     return train_x, train_y, test_x, test_y
 
 
-# ----------------------------------------------------------------------------- data: the patch (A) and the top half (B)
+# --------------------------------------------------------- data: the patch (A) and the top half (B)
 
 def patch_cells(size: int = 32) -> list[tuple[int, int]]:
-    """Top-left (row, col) of each class's patch: 10 of the 12 border cells of a 4x4 grid, clockwise."""
+    """Top-left (row, col) of each class's patch: 10 of the 12 border cells of a 4x4 grid,
+    clockwise."""
     ring = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 3), (2, 3), (3, 3), (3, 2), (3, 1), (3, 0)]
     cell = size // 4
     return [(r * cell, c * cell) for r, c in ring]
 
 
 def mandelbrot_patterns(side: int = 8, oversample: int = 4, iterations: int = 60) -> torch.Tensor:
-    """A fixed, distinct crop of the Mandelbrot set per class, coloured, [10, 3, side, side] in [0, 1]."""
+    """A fixed, distinct crop of the Mandelbrot set per class, coloured, [10, 3, side, side] in
+    [0, 1]."""
     centres = [(-0.745, 0.113), (-0.16, 1.04), (-1.25, 0.02), (0.28, 0.01), (-0.53, 0.61),
                (-1.77, 0.0), (0.37, 0.34), (-0.1, 0.65), (-0.75, 0.05), (-1.4, 0.0)]
     width = 0.12
     t = (torch.arange(side * oversample, dtype=torch.float64) + 0.5) / (side * oversample) - 0.5
     patterns = []
     for k, (re, im) in enumerate(centres):
-        c = torch.complex(re + width * t[None, :].expand(len(t), -1), im + width * t[:, None].expand(-1, len(t)))
-        z, escaped = torch.zeros_like(c), torch.full(c.shape, float(iterations), dtype=torch.float64)
+        c = torch.complex(re + width * t[None, :].expand(len(t), -1),
+                          im + width * t[:, None].expand(-1, len(t)))
+        z, escaped = (torch.zeros_like(c),
+                      torch.full(c.shape, float(iterations), dtype=torch.float64))
         for i in range(iterations):
             z = torch.where(escaped < iterations, z, z * z + c)
             newly = (z.abs() > 2) & (escaped == iterations)
@@ -290,46 +316,55 @@ def mandelbrot_patterns(side: int = 8, oversample: int = 4, iterations: int = 60
     return torch.stack(patterns).clamp(0, 1)
 
 
-def paste_patches(x: torch.Tensor, cls: torch.Tensor, patterns, generator: torch.Generator) -> torch.Tensor:
-    """Put the patch of class cls[i] on image i (in place): noise (patterns None) or the class's pattern."""
+def paste_patches(x: torch.Tensor, cls: torch.Tensor, patterns,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Put the patch of class cls[i] on image i (in place): noise (patterns None) or the class's
+    pattern."""
     side = x.shape[-1] // 4
     for k, (r, c) in enumerate(patch_cells(x.shape[-1])):
         m = (cls == k).nonzero().flatten()
         if len(m) == 0:
             continue
-        fill = torch.rand(len(m), x.shape[1], side, side, generator=generator) if patterns is None else patterns[k]
+        fill = (torch.rand(len(m), x.shape[1], side, side, generator=generator) if patterns is None
+                else patterns[k])
         x[m, :, r:r + side, c:c + side] = fill
     return x
 
 
 def load_domino_items(data: str, root: Optional[str], download: bool) -> tuple[torch.Tensor, ...]:
-    """Grey items for the top half, [N, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x, test_y)."""
+    """Grey items for the top half, [N, 32, 32] in [0, 1] with labels: (train_x, train_y, test_x,
+    test_y)."""
     if data == "digits":
         return harness.sklearn_digits(32)
     name = "FashionMNIST" if data == "fashionmnist" else "MNIST"
     train_x, train_y, test_x, test_y = harness.torchvision_digits(name, root, download)
-    resize = lambda d: F.interpolate(d[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
+    resize = lambda d: F.interpolate(d[:, None], size=(32, 32), mode="bilinear",  # noqa: E731
+                                     align_corners=False)[:, 0]
     return resize(train_x), train_y, resize(test_x), test_y
 
 
-def sample_items(items: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def sample_items(items: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
     """One random item of class cls[i] for every i, vectorised."""
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=NUM_CLASSES)
     if (counts == 0).any():
-        raise common.UserError(f"the top-half items lack classes {(counts == 0).nonzero().flatten().tolist()}; use a full data set")
+        raise common.UserError(f"the top-half items lack classes "
+                               f"{(counts == 0).nonzero().flatten().tolist()}; use a full data set")
     starts = torch.cumsum(counts, 0) - counts
-    pick = starts[cls] + (torch.rand(len(cls), generator=generator) * counts[cls]).long().clamp(max=counts[cls] - 1)
+    pick = starts[cls] + (torch.rand(len(cls), generator=generator)
+                          * counts[cls]).long().clamp(max=counts[cls] - 1)
     return items[order[pick]]
 
 
 # ----------------------------------------------------------------------------- data: configurations
 
-def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: float, frac_b: float, patterns,
-           blank: torch.Tensor, items: Optional[tuple[torch.Tensor, torch.Tensor]],
+def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: float, frac_b: float,
+           patterns, blank: torch.Tensor, items: Optional[tuple[torch.Tensor, torch.Tensor]],
            generator: torch.Generator) -> common.TensorSet:
     """One data set of the configuration: [N, 3, 32, 32], or [N, 3, 64, 32] with top-half `items`
-    (Dominoes). A / B carry the label for a fraction frac_a / frac_b where the configuration says so."""
+    (Dominoes). A / B carry the label for a fraction frac_a / frac_b where the configuration says
+    so."""
     roles = common.parse_config(config, "IA" if items is None else "IAB")
     n = len(labels)
     if roles["I"] == "label":
@@ -345,7 +380,8 @@ def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: floa
         if roles["B"] == "absent":
             top = torch.zeros_like(x)
         else:
-            cls = (common.spurious_values(y, frac_b, NUM_CLASSES, generator) if roles["B"] == "label"
+            cls = (common.spurious_values(y, frac_b, NUM_CLASSES, generator)
+                   if roles["B"] == "label"
                    else torch.randint(NUM_CLASSES, (n,), generator=generator))
             top = sample_items(*items, cls, generator)[:, None].expand(-1, 3, -1, -1)
         x = torch.cat([top, x], dim=2)
@@ -375,7 +411,7 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     teacher_train = render(train_x, train_y, args.teacher_config, *look, train_items, gen)
     student_train = render(train_x, train_y, args.student_config, *look, train_items, gen)
-    test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
+    test_gen = torch.Generator().manual_seed(harness.TEST_SEED)  # the same test sets for every seed
     names = TEST_CONFIGS + (DOMINO_TEST_CONFIGS if args.dominoes else ())
     test_sets = {name: render(test_x, test_y, name, 1.0, 1.0, patterns, blank, test_items,
                               test_gen) for name in names}
@@ -396,7 +432,7 @@ def main():
         teacher_heldout)
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(run.student.seed + 1)
+    harness.seed_everything(run.student.seed + 1)
     student = common.build_model(run.student.arch, 3, NUM_CLASSES, run.student.width, image_size)
     distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
                                test_sets)

@@ -39,11 +39,11 @@ TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
 NUM_CLASSES = 10
 
 # ----------------------------------------------------------------------------- settings
-# How teacher and student are trained: the values that differ from common.TeacherSettings' and
-# common.DistillSettings' defaults (here none). Every field is a flag (--teacher-steps, --lr, ...);
+# How teacher and student are trained: the values that differ from harness.TeacherSettings' and
+# harness.DistillSettings' defaults (here none). Every field is a flag (--teacher-steps, --lr, ...);
 # the run prints both settings and the result JSON stores them as the run used them.
-TEACHER = common.TeacherSettings()
-DISTILL = common.DistillSettings()
+TEACHER = harness.TeacherSettings()
+DISTILL = harness.DistillSettings()
 # The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the
 # largest that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
 ALPHA = {"jacobian": 0.7, "contrastive": 0.3}
@@ -144,7 +144,7 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     teacher_train = render(train_x, train_y, args.teacher_config, frac, renders, mean_digit, gen)
     student_train = render(train_x, train_y, args.student_config, frac, renders, mean_digit, gen)
-    test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same test sets for every seed
+    test_gen = torch.Generator().manual_seed(harness.TEST_SEED)  # the same test sets for every seed
     test_sets = {name: render(test_x, test_y, name, 1.0, args.test_renders, mean_digit, test_gen)
                  for name in TEST_CONFIGS}
     teacher_heldout, student_heldout = (render(test_x, test_y, config, frac, 1, mean_digit,
@@ -161,7 +161,7 @@ def main():
         teacher_heldout)
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(run.student.seed + 1)
+    harness.seed_everything(run.student.seed + 1)
     student = common.build_model(run.student.arch, 3, NUM_CLASSES, run.student.width, image_size)
     distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
                                test_sets)

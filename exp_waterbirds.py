@@ -26,9 +26,10 @@ ops, at --image-size pixels (32):
   crowns on brown trunks);
 - birds: a large silhouette (about 0.3 to 0.9 of the image wide, 0.35 to 0.7 high) built from
   ellipses and (tapered) capsules, with a darker wing, a random colour (uninformative), size,
-  position, rotation (+-25 degrees) and facing. The classes differ in coarse shape: a landbird stands
-  upright (tall oval body, big head on top, short beak, tail pointing down, legs), a waterbird
-  is long and low (flat body, thick neck with a random lean, small head, long bill, no legs);
+  position, rotation (+-25 degrees) and facing. The classes differ in coarse shape: a landbird
+  stands upright (tall oval body, big head on top, short beak, tail pointing down, legs), a
+  waterbird is long and low (flat body, thick neck with a random lean, small head, long bill, no
+  legs);
 - the bird is alpha-composited (anti-aliased edge) on a background; the neutral background is
   the mean of the land and water backgrounds of the same split.
 Classes are balanced. A background that carries the label matches the bird for exactly
@@ -59,7 +60,8 @@ import harness
 EXPERIMENT = "waterbirds"
 MECHANISMS = "IA"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "minority")
-DATA_VERSION = 2  # bump when the generator changes (part of the teacher cache key and of every result)
+# bump when the generator changes (part of the teacher cache key and of every result)
+DATA_VERSION = 2
 MAX_IMAGE_SIZE = 512
 REAL_CONFIGS = ("IA", "I+rA")  # what the real folder can give without bird masks
 NUM_CLASSES = 2
@@ -67,15 +69,14 @@ GROUP_NAMES = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/w
 METADATA_COLUMNS = ("img_filename", "y", "split", "place")
 
 # ----------------------------------------------------------------------------- settings
-# How teacher and student are trained: the values that differ from common.TeacherSettings' and
-# common.DistillSettings' defaults. Every field is a flag (--teacher-steps, --lr, ...); the run
+# How teacher and student are trained: the values that differ from harness.TeacherSettings' and
+# harness.DistillSettings' defaults. Every field is a flag (--teacher-steps, --lr, ...); the run
 # prints both settings and the result JSON stores them as the run used them.
-TEACHER = common.TeacherSettings(steps=1000, lr=0.02)
-DISTILL = common.DistillSettings(width=8, steps=400, lr=0.003)
+TEACHER = harness.TeacherSettings(steps=1000, lr=0.02)
+DISTILL = harness.DistillSettings(width=8, steps=400, lr=0.003)
 # The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the
 # largest that keeps the student's held-out fit within one point of plain KL's (docs/transfer.md).
 ALPHA = {"jacobian": 0.9, "contrastive": 0.3}
-ARCHS = ("cnn", "lenet", "resnet18", "resnet50")
 
 # ----------------------------------------------------------------------------- flags
 
@@ -86,20 +87,25 @@ parser, g = harness.experiment_parser(
            "resnet50 are torchvision's ImageNet ResNets (--teacher-width and --student-width do "
            "not apply).")
 g.add_argument("--spurious-frac", type=float, default=None,
-               help="fraction of training images whose background matches the bird, where A carries the label "
-                    "(generated data only; default 0.95)")
+               help="fraction of training images whose background matches the bird, where A "
+                    "carries the label (generated data only; default 0.95)")
 g.add_argument("--data", choices=("generated", "waterbirds"), default="generated",
-               help="generated: drawn by this script, offline (default); waterbirds: the real folder at --data-root")
-g.add_argument("--data-root", default=None, help="the Waterbirds folder holding metadata.csv (with --data waterbirds)")
+               help="generated: drawn by this script, offline (default); waterbirds: the real "
+                    "folder at --data-root")
+g.add_argument("--data-root", default=None,
+               help="the Waterbirds folder holding metadata.csv (with --data waterbirds)")
 g.add_argument("--n-train", type=int, default=None,
                help="training images (generated: how many to draw, default 4000; "
                     "waterbirds: a random subset, default all)")
 g.add_argument("--n-test", type=int, default=None,
-               help="test images per set (generated: default 800; waterbirds: a random subset, default all)")
-g.add_argument("--image-size", type=int, default=32, help="images are SIZE x SIZE pixels (default 32)")
+               help="test images per set (generated: default 800; waterbirds: a random subset, "
+                    "default all)")
+g.add_argument("--image-size", type=int, default=32,
+               help="images are SIZE x SIZE pixels (default 32)")
 g.add_argument("--pretrained", action="store_true",
-               help="start teacher and student from torchvision's ImageNet weights (with --arch resnet18 or resnet50)")
-harness.add_settings_flags(parser, TEACHER, DISTILL, ALPHA, archs=ARCHS)
+               help="start teacher and student from torchvision's ImageNet weights (with --arch "
+                    "resnet18 or resnet50)")
+harness.add_settings_flags(parser, TEACHER, DISTILL, ALPHA)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -109,37 +115,42 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.smoke:
         args.n_train, args.n_test = args.n_train or 256, args.n_test or 64
     if not 16 <= args.image_size <= MAX_IMAGE_SIZE or min(args.n_train or 0, args.n_test or 0) < 0:
-        raise common.UserError(f"--image-size must be between 16 and {MAX_IMAGE_SIZE}; --n-train and --n-test at "
-                               f"least 0")
+        raise common.UserError(f"--image-size must be between 16 and {MAX_IMAGE_SIZE}; --n-train "
+                               f"and --n-test at least 0")
     if args.pretrained and {args.arch, args.student_arch or args.arch} & {"cnn", "lenet"}:
-        raise common.UserError("--pretrained needs an ImageNet architecture: add --arch resnet18 or --arch resnet50")
+        raise common.UserError("--pretrained needs an ImageNet architecture: add --arch resnet18 "
+                               "or --arch resnet50")
     for config in (args.teacher_config, args.student_config):
         common.parse_config(config, MECHANISMS)
     if args.data == "waterbirds":
         if not args.data_root:
-            raise common.UserError("--data waterbirds needs --data-root DIR, the folder that holds metadata.csv")
+            raise common.UserError("--data waterbirds needs --data-root DIR, the folder that holds "
+                                   "metadata.csv")
         if args.spurious_frac is not None:
-            raise common.UserError("--spurious-frac applies to the generated data only; the real training split "
-                                   "keeps its own")
+            raise common.UserError("--spurious-frac applies to the generated data only; the real "
+                                   "training split keeps its own")
         for config in (args.teacher_config, args.student_config):
             if config not in REAL_CONFIGS:
-                raise common.UserError(f"configuration '{config}' cannot be built from the real folder (no bird "
-                                       f"masks); use IA (the training split) or I+rA (resampled to balanced groups)")
+                raise common.UserError(f"configuration '{config}' cannot be built from the real "
+                                       f"folder (no bird masks); use IA (the training split) or "
+                                       f"I+rA (resampled to balanced groups)")
         return args
     if args.data_root:
         raise common.UserError("--data-root is read only with --data waterbirds")
-    args.spurious_frac = harness.check_value(0.95 if args.spurious_frac is None else args.spurious_frac,
-                                             "fraction", "--spurious-frac")
-    if (args.n_train is not None and args.n_train < 8) or (args.n_test is not None and args.n_test < 8):
+    args.spurious_frac = harness.check_value(
+        0.95 if args.spurious_frac is None else args.spurious_frac, "fraction", "--spurious-frac")
+    if ((args.n_train is not None and args.n_train < 8)
+            or (args.n_test is not None and args.n_test < 8)):
         raise common.UserError("--n-train and --n-test must be at least 8 for the generated data")
     # a scene holds about 16 float channels (bird, mask, two backgrounds, composed images)
     needed = ((args.n_train or 4000) + (args.n_test or 800)) * 16 * args.image_size ** 2 * 4
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > memory / 2:
-        raise common.UserError(f"--image-size {args.image_size} with {args.n_train or 4000} training and "
-                               f"{args.n_test or 800} test images needs about {needed / 2 ** 30:.0f} GiB of "
-                               f"memory, more than half of this machine's {memory / 2 ** 30:.0f} GiB; lower "
-                               f"--image-size or --n-train")
+        raise common.UserError(f"--image-size {args.image_size} with {args.n_train or 4000} "
+                               f"training and {args.n_test or 800} test images needs about "
+                               f"{needed / 2 ** 30:.0f} GiB of memory, more than half of this "
+                               f"machine's {memory / 2 ** 30:.0f} GiB; lower --image-size or "
+                               f"--n-train")
     return args
 
 
@@ -148,7 +159,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def _grid(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel centres in [-1, 1], y pointing up, broadcastable to [n, 1, size, size]."""
     c = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
-    return c.view(1, 1, 1, size).expand(n, 1, size, size), (-c).view(1, 1, size, 1).expand(n, 1, size, size)
+    return (c.view(1, 1, 1, size).expand(n, 1, size, size),
+            (-c).view(1, 1, size, 1).expand(n, 1, size, size))
 
 
 def _u(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
@@ -177,8 +189,10 @@ def _capsule(x, y, px, py, qx, qy, r0, r1):
 
 
 BIRD_BOX = 2.8    # the shape frame spans [-BIRD_BOX, BIRD_BOX]^2 shape units
-PATCH = 48        # shape-frame raster: at least one texel per pixel for the largest bird on 32 pixels
-BIRD_SCALE = (0.3, 0.45)   # half-image units per shape unit: big birds, so the small CNN learns their shape
+PATCH = 48        # shape-frame raster: at least one texel per pixel for the largest bird
+                  # on 32 pixels
+BIRD_SCALE = (0.3, 0.45)   # half-image units per shape unit: big birds, so the small CNN learns
+                           # their shape
 
 
 def _bird_shapes(water: bool, n: int, gen: torch.Generator, patch: int) -> tuple[torch.Tensor, ...]:
@@ -189,7 +203,8 @@ def _bird_shapes(water: bool, n: int, gen: torch.Generator, patch: int) -> tuple
     j = lambda lo, hi: _u(n, lo, hi, gen)  # noqa: E731  per-sample jitter
     if not water:  # landbird: upright, tall round body, big head, short beak, tail down, two legs
         head = j(0.42, 0.5)
-        d = torch.minimum(_ellipse(x, y, 0.0, 0.0, j(0.55, 0.65), j(0.9, 1.05)), _ellipse(x, y, 0.15, 1.0, head, head))
+        d = torch.minimum(_ellipse(x, y, 0.0, 0.0, j(0.55, 0.65), j(0.9, 1.05)),
+                          _ellipse(x, y, 0.15, 1.0, head, head))
         d = torch.minimum(d, _capsule(x, y, 0.15 + 0.8 * head, 1.0, 0.5 + head, 0.9, 0.14, 0.03))
         d = torch.minimum(d, _capsule(x, y, -0.3, -0.6, j(-0.9, -0.6), -1.4, 0.22, 0.08))
         for side in (-0.15, 0.2):
@@ -200,13 +215,15 @@ def _bird_shapes(water: bool, n: int, gen: torch.Generator, patch: int) -> tuple
         d = torch.minimum(_ellipse(x, y, 0.0, 0.0, j(1.2, 1.4), j(0.4, 0.5)),
                           _capsule(x, y, 0.85, 0.15, hx, hy, 0.28, 0.18))
         d = torch.minimum(d, _ellipse(x, y, hx, hy, 0.34, 0.28))
-        d = torch.minimum(d, _capsule(x, y, hx + 0.2, hy, hx + j(0.8, 1.1), hy + j(-0.4, 0.1), 0.1, 0.03))
+        d = torch.minimum(d, _capsule(x, y, hx + 0.2, hy, hx + j(0.8, 1.1), hy + j(-0.4, 0.1),
+                                      0.1, 0.03))
         d = torch.minimum(d, _capsule(x, y, -1.1, 0.05, -1.6, 0.3, 0.2, 0.06))
         wing = _ellipse(x, y, -0.25, 0.05, 0.8, 0.28) < 0
     return d, wing, d > -0.12
 
 
-def draw_birds(y: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_birds(y: torch.Tensor, size: int,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Bird silhouettes for labels y (0 landbird, 1 waterbird): (alpha [n,1,S,S], rgb [n,3,S,S]).
 
     Each bird is drawn in its own frame on a small raster (alpha from the signed distance, a darker
@@ -220,30 +237,36 @@ def draw_birds(y: torch.Tensor, size: int, gen: torch.Generator) -> tuple[torch.
         if len(idx):
             d, wing, outline = _bird_shapes(bool(cls), len(idx), gen, patch)
             shade = torch.where(wing, 0.6, 1.0) * torch.where(outline, 0.7, 1.0)
-            colour = _hsv(_u(len(idx), 0, 1, gen), _u(len(idx), 0.15, 0.9, gen), _u(len(idx), 0.35, 1.0, gen))
+            colour = _hsv(_u(len(idx), 0, 1, gen), _u(len(idx), 0.15, 0.9, gen),
+                          _u(len(idx), 0.35, 1.0, gen))
             alpha = torch.clamp(0.5 - d * patch / (2 * BIRD_BOX), 0, 1)   # one texel of soft edge
             layers[idx] = torch.cat([alpha, (colour * shade).clamp(0, 1)], 1)
     # image -> shape frame: output pixel p samples the patch at R(-angle) (p - centre) / scale
     scale = _u(n, *BIRD_SCALE, gen).flatten() * BIRD_BOX       # half-image units per half-patch
     angle = _u(n, -0.45, 0.45, gen).flatten()                # about +-25 degrees
     facing = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    centre = torch.stack([_u(n, -0.35, 0.35, gen).flatten(), _u(n, -0.3, 0.4, gen).flatten()], 1)  # x right, y down
+    centre = torch.stack([_u(n, -0.35, 0.35, gen).flatten(),
+                          _u(n, -0.3, 0.4, gen).flatten()], 1)  # x right, y down
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    rot = torch.stack([torch.stack([cos * facing, -sin * facing], 1), torch.stack([sin, cos], 1)], 1)  # [n, 2, 2]
+    rot = torch.stack([torch.stack([cos * facing, -sin * facing], 1),
+                       torch.stack([sin, cos], 1)], 1)  # [n, 2, 2]
     theta = torch.cat([rot, -(rot @ centre[:, :, None])], 2)
     grid = F.affine_grid(theta, [n, 4, size, size], align_corners=False)
     out = F.grid_sample(layers, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     alpha = out[:, :1]
-    rgb = torch.where(alpha > 1e-3, out[:, 1:] / alpha.clamp(min=1e-3), 0.0).clamp(0, 1)  # un-premultiply the edge
+    # un-premultiply the edge
+    rgb = torch.where(alpha > 1e-3, out[:, 1:] / alpha.clamp(min=1e-3), 0.0).clamp(0, 1)
     return alpha, rgb
 
 
-def _sky(n: int, X: torch.Tensor, Y: torch.Tensor, horizon: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _sky(n: int, X: torch.Tensor, Y: torch.Tensor, horizon: torch.Tensor,
+         gen: torch.Generator) -> torch.Tensor:
     sky = _hsv(_u(n, 0.52, 0.62, gen), _u(n, 0.05, 0.35, gen), _u(n, 0.8, 1.0, gen))
     return sky * (1 - 0.15 * (Y - horizon).clamp(min=0))    # deeper towards the top
 
 
-def draw_backgrounds(place: int, n: int, size: int, gen: torch.Generator, trees: int = 5) -> torch.Tensor:
+def draw_backgrounds(place: int, n: int, size: int, gen: torch.Generator,
+                     trees: int = 5) -> torch.Tensor:
     """n scenes of one kind (0 land, 1 water): [n, 3, S, S] in [0, 1]."""
     X, Y = _grid(n, size)
     horizon = _u(n, -0.1, 0.6, gen)
@@ -252,12 +275,14 @@ def draw_backgrounds(place: int, n: int, size: int, gen: torch.Generator, trees:
     if place == 1:  # water: blues, darker with depth, waves denser towards the viewer
         blue = _hsv(_u(n, 0.52, 0.64, gen), _u(n, 0.45, 0.9, gen), _u(n, 0.4, 0.85, gen))
         phase = _u(n, 0, 2 * math.pi, gen)
-        waves = torch.sin(_u(n, 6, 12, gen) * below * (1 + below) + 0.6 * torch.sin(5 * X + phase) + phase)
-        return torch.where(Y > horizon, sky, blue * (1 - 0.3 * below) * (1 + _u(n, 0.08, 0.2, gen) * waves)).clamp(0, 1)
+        waves = torch.sin(_u(n, 6, 12, gen) * below * (1 + below) + 0.6 * torch.sin(5 * X + phase)
+                          + phase)
+        return torch.where(Y > horizon, sky, blue * (1 - 0.3 * below)
+                           * (1 + _u(n, 0.08, 0.2, gen) * waves)).clamp(0, 1)
     # land: greens to browns with a smooth texture, and a row of trees in most scenes
     ground = _hsv(_u(n, 0.06, 0.33, gen), _u(n, 0.35, 0.8, gen), _u(n, 0.3, 0.7, gen))
-    texture = F.interpolate(torch.rand(n, 1, 8, 8, generator=gen), size=(size, size), mode="bilinear",
-                            align_corners=False)
+    texture = F.interpolate(torch.rand(n, 1, 8, 8, generator=gen), size=(size, size),
+                            mode="bilinear", align_corners=False)
     scene = torch.where(Y > horizon, sky, ground * (0.7 + 0.6 * texture) * (1 - 0.2 * below))
     has_trees = torch.rand(n, generator=gen) < 0.6
     leaf = _hsv(_u(n, 0.22, 0.36, gen), _u(n, 0.5, 0.9, gen), _u(n, 0.2, 0.45, gen))
@@ -266,7 +291,8 @@ def draw_backgrounds(place: int, n: int, size: int, gen: torch.Generator, trees:
         tx = shift + (2 * k - trees + 1) / trees * 1.2
         tr = _u(n, 0.12, 0.3, gen)
         th = horizon + tr * _u(n, 1.0, 2.0, gen)
-        trunk = ((X - tx).abs() < 0.25 * tr) & (Y < th) & (Y > horizon - 0.05) & has_trees.view(n, 1, 1, 1)
+        trunk = (((X - tx).abs() < 0.25 * tr) & (Y < th) & (Y > horizon - 0.05)
+                 & has_trees.view(n, 1, 1, 1))
         crown = ((X - tx) ** 2 + (Y - th) ** 2 < tr ** 2) & has_trees.view(n, 1, 1, 1)
         scene = torch.where(trunk, torch.tensor([0.35, 0.23, 0.12]).view(1, 3, 1, 1), scene)
         scene = torch.where(crown, leaf, scene)
@@ -274,7 +300,8 @@ def draw_backgrounds(place: int, n: int, size: int, gen: torch.Generator, trees:
 
 
 def _chunked(fn, n: int, chunk: int = 512):
-    """Call fn(start, stop) on chunks of [0, n) and concatenate the (tuples of) tensors it returns."""
+    """Call fn(start, stop) on chunks of [0, n) and concatenate the (tuples of) tensors it
+    returns."""
     parts = [fn(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
@@ -282,20 +309,24 @@ def _chunked(fn, n: int, chunk: int = 512):
 
 
 class Scenes:
-    """n birds, each with one land and one water background, from which any configuration is composed."""
+    """n birds, each with one land and one water background, from which any configuration is
+    composed."""
 
     def __init__(self, n: int, size: int, gen: torch.Generator):
         self.y = torch.randperm(n, generator=gen) % 2                     # balanced classes
         self.alpha, self.rgb = _chunked(lambda a, b: draw_birds(self.y[a:b], size, gen), n)
-        self.backgrounds = [_chunked(lambda a, b: draw_backgrounds(p, b - a, size, gen), n) for p in (0, 1)]
+        self.backgrounds = [_chunked(lambda a, b: draw_backgrounds(p, b - a, size, gen), n)
+                            for p in (0, 1)]
 
-    def compose(self, place: torch.Tensor, bird: bool = True, neutral: torch.Tensor = None) -> torch.Tensor:
+    def compose(self, place: torch.Tensor, bird: bool = True,
+                neutral: torch.Tensor = None) -> torch.Tensor:
         bg = neutral.expand_as(self.rgb) if neutral is not None else \
             torch.where(place.view(-1, 1, 1, 1).bool(), self.backgrounds[1], self.backgrounds[0])
         return self.alpha * self.rgb + (1 - self.alpha) * bg if bird else bg.clone()
 
 
-def training_set(scenes: Scenes, config: str, frac: float, gen: torch.Generator) -> common.TensorSet:
+def training_set(scenes: Scenes, config: str, frac: float,
+                 gen: torch.Generator) -> common.TensorSet:
     """The training images of a configuration: IA (background = bird for a fraction `frac`), I+rA,
     I, A, rI+A, ..."""
     roles = common.parse_config(config, MECHANISMS)
@@ -336,14 +367,16 @@ def generated_test_sets(scenes: Scenes, gen: torch.Generator) -> dict[str, commo
 # ----------------------------------------------------------------------------- real data
 
 def read_metadata(root: str) -> list[dict]:
-    """The rows of DIR/metadata.csv as dicts with int y, split, place; UserError on anything else."""
+    """The rows of DIR/metadata.csv as dicts with int y, split, place; UserError on anything
+    else."""
     if not os.path.isdir(root):
-        raise common.UserError(f"--data-root {root} is not a folder; point it at the Waterbirds folder that holds "
-                               f"metadata.csv")
+        raise common.UserError(f"--data-root {root} is not a folder; point it at the Waterbirds "
+                               f"folder that holds metadata.csv")
     path = os.path.join(root, "metadata.csv")
     if not os.path.isfile(path):
-        raise common.UserError(f"{path} not found; --data-root must be the Waterbirds folder with metadata.csv "
-                               f"(columns {', '.join(METADATA_COLUMNS)}) and the images it names")
+        raise common.UserError(f"{path} not found; --data-root must be the Waterbirds folder with "
+                               f"metadata.csv (columns {', '.join(METADATA_COLUMNS)}) and the "
+                               f"images it names")
     codes = {"y": ("0", "1"), "split": ("0", "1", "2"), "place": ("0", "1")}
     meaning = {"y": "0 (landbird) or 1 (waterbird)", "split": "0 (train), 1 (val) or 2 (test)",
                "place": "0 (land) or 1 (water)"}
@@ -353,22 +386,23 @@ def read_metadata(root: str) -> list[dict]:
             reader = csv.DictReader(f)
             missing = [c for c in METADATA_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
-                raise common.UserError(f"{path} lacks column(s) {', '.join(missing)}; expected a header with "
-                                       f"{', '.join(METADATA_COLUMNS)}")
+                raise common.UserError(f"{path} lacks column(s) {', '.join(missing)}; expected a "
+                                       f"header with {', '.join(METADATA_COLUMNS)}")
             for row in reader:
                 for col, ok in codes.items():
                     value = (row[col] or "").strip()
                     if value not in ok:
                         raise common.UserError(f"{path} line {reader.line_num}: {col} = '{value}', "
                                                f"expected {meaning[col]}")
-                rows.append({"img_filename": row["img_filename"], **{c: int(row[c]) for c in codes}})
+                rows.append({"img_filename": row["img_filename"],
+                             **{c: int(row[c]) for c in codes}})
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise common.UserError(f"cannot read {path} ({type(e).__name__}: {e}); expected a CSV file with a header "
-                               f"{', '.join(METADATA_COLUMNS)}")
+        raise common.UserError(f"cannot read {path} ({type(e).__name__}: {e}); expected a CSV "
+                               f"file with a header {', '.join(METADATA_COLUMNS)}")
     for split, name in ((0, "train"), (2, "test")):
         if not any(r["split"] == split for r in rows):
-            raise common.UserError(f"{path} has no {name} rows (split = {split}); a Waterbirds metadata.csv has "
-                                   f"all three splits")
+            raise common.UserError(f"{path} has no {name} rows (split = {split}); a Waterbirds "
+                                   f"metadata.csv has all three splits")
     return rows
 
 
@@ -377,16 +411,19 @@ def load_image(path: str, size: int) -> torch.Tensor:
     (the usual Waterbirds transform, 256 then 224 for size 224)."""
     from PIL import Image
     if not os.path.isfile(path):
-        raise common.UserError(f"image {path} named in metadata.csv is missing; expected the Waterbirds images "
-                               f"under --data-root as img_filename says")
+        raise common.UserError(f"image {path} named in metadata.csv is missing; expected the "
+                               f"Waterbirds images under --data-root as img_filename says")
     try:
         with Image.open(path) as img:
             big = round(size * 8 / 7)
             off = (big - size) // 2
-            img = img.convert("RGB").resize((big, big), Image.BILINEAR).crop((off, off, off + size, off + size))
+            img = img.convert("RGB").resize((big, big), Image.BILINEAR).crop(
+                (off, off, off + size, off + size))
             data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated or foreign files
-        raise common.UserError(f"image {path} cannot be read ({type(e).__name__}); expected a JPEG or PNG file")
+    except (OSError, ValueError, SyntaxError) as e:
+        # PIL raises these for truncated or foreign files
+        raise common.UserError(f"image {path} cannot be read ({type(e).__name__}); expected a "
+                               f"JPEG or PNG file")
     return data.view(size, size, 3).permute(2, 0, 1).float() / 255
 
 
@@ -403,31 +440,34 @@ def load_split(root: str, rows: list[dict], split: int, limit: int, size: int,
 
 
 def balanced_resample(data: common.TensorSet, gen: torch.Generator) -> common.TensorSet:
-    """The same number of images drawn with replacement so that the four groups are equally frequent."""
+    """The same number of images drawn with replacement so that the four groups are equally
+    frequent."""
     present = [g for g in range(4) if (data.group == g).any()]
     if len(present) < 4:
         lacking = ", ".join(GROUP_NAMES[g] for g in range(4) if g not in present)
-        raise common.UserError(f"the training split lacks group(s) {lacking}; I+rA cannot be balanced "
-                               f"(use a larger --n-train or the full folder)")
+        raise common.UserError(f"the training split lacks group(s) {lacking}; I+rA cannot be "
+                               f"balanced (use a larger --n-train or the full folder)")
     per = len(data.y) // 4
     members = [(data.group == g).nonzero().flatten() for g in range(4)]
     idx = torch.cat([m[torch.randint(len(m), (per,), generator=gen)] for m in members])
     return common.TensorSet(data.x[idx], data.y[idx], data.group[idx])
 
 
-def real_data(root: str, n_train: Optional[int], n_test: Optional[int], size: int, configs: tuple[str, ...],
-              gen: torch.Generator) -> tuple[dict, dict]:
+def real_data(root: str, n_train: Optional[int], n_test: Optional[int], size: int,
+              configs: tuple[str, ...], gen: torch.Generator) -> tuple[dict, dict]:
     """(training sets of the `configs`, test sets) from the real folder."""
     rows = read_metadata(root)
     train = load_split(root, rows, 0, n_train or 0, size, gen)
     test = load_split(root, rows, 2, n_test or 0, size, gen)
     lacking = [GROUP_NAMES[g] for g in range(4) if not (test.group == g).any()]
     if lacking:
-        raise common.UserError(f"the test split ({len(test.y)} images) lacks group(s) {', '.join(lacking)}, so "
-                               f"group accuracies cannot be measured; use a larger --n-test or the full folder")
+        raise common.UserError(f"the test split ({len(test.y)} images) lacks group(s) "
+                               f"{', '.join(lacking)}, so group accuracies cannot be measured; use "
+                               f"a larger --n-test or the full folder")
     y, place = test.y, test.group % 2
     majority, minority = place == y, place != y
-    tests = {"IA": common.TensorSet(test.x[majority], y[majority], test.group[majority]), "I+rA": test,
+    tests = {"IA": common.TensorSet(test.x[majority], y[majority], test.group[majority]),
+             "I+rA": test,
              "minority": common.TensorSet(test.x[minority], y[minority], test.group[minority])}
     trains = {"IA": train, "I+rA": balanced_resample(train, gen)}
     return {c: trains[c] for c in configs}, tests
@@ -435,40 +475,9 @@ def real_data(root: str, n_train: Optional[int], n_test: Optional[int], size: in
 
 # ----------------------------------------------------------------------------- models
 
-class TorchvisionNet(nn.Module):
-    """A torchvision ImageNet ResNet with common's interface (.features, .classifier, .feature_dim);
-    inputs stay in [0, 1] and are normalised inside, so Jacobians are taken on the image itself."""
-
-    def __init__(self, arch: str, num_classes: int, pretrained: bool):
-        super().__init__()
-        import torchvision
-        weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1 if pretrained else None
-        try:
-            body = torchvision.models.get_model(arch, weights=weights)
-        except Exception as e:  # offline (URLError), corrupt download, ...
-            file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-            raise common.UserError(f"cannot fetch torchvision's ImageNet weights for {arch} ({type(e).__name__}); "
-                                   f"they are downloaded once to {file}: run once with internet access or copy the "
-                                   f"file there (TORCH_HOME moves the folder), or drop --pretrained")
-        self.feature_dim = body.fc.in_features
-        body.fc = nn.Identity()
-        self.body = body
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body((x - self.mean) / self.std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
 def build_model(arch: str, width: int, pretrained: bool, size: int) -> nn.Module:
     """common's small CNN or LeNet for size x size images, or a torchvision ImageNet ResNet."""
-    if arch in ("cnn", "lenet"):
-        return common.build_model(arch, 3, NUM_CLASSES, width, (size, size))
-    return TorchvisionNet(arch, NUM_CLASSES, pretrained)
+    return common.build_model(arch, 3, NUM_CLASSES, width, (size, size), pretrained)
 
 
 # ----------------------------------------------------------------------------- main
@@ -483,7 +492,7 @@ def main():
     if args.data == "generated":
         scenes = Scenes(args.n_train or 4000, args.image_size, gen)
         trains = {c: training_set(scenes, c, args.spurious_frac, gen) for c in configs}
-        test_gen = torch.Generator().manual_seed(common.TEST_SEED)  # the same for every seed
+        test_gen = torch.Generator().manual_seed(harness.TEST_SEED)  # the same for every seed
         test_scenes = Scenes(args.n_test or 800, args.image_size, test_gen)
         test_sets = generated_test_sets(test_scenes, test_gen)
         heldout = {c: training_set(test_scenes, c, args.spurious_frac, test_gen) for c in configs}
@@ -507,7 +516,7 @@ def main():
         teacher_heldout)
 
     # ------------------------------------------------------------------------- student
-    common.seed_everything(run.student.seed + 1)
+    harness.seed_everything(run.student.seed + 1)
     student = build_model(run.student.arch, run.student.width, args.pretrained, args.image_size)
     distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
                                test_sets)

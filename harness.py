@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import typing
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -33,12 +35,106 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (ARCHS, CHECKS, LOSSES, TEST_SEED, DistillSettings, TeacherSettings, TensorSet,
-                    UserError, evaluate_student, freeze, predict, seed_everything, teacher_metrics,
-                    train_teacher, with_alpha)
+from common import (ARCHS, JACOBIAN_METHODS, LOSSES, TensorSet, UserError, evaluate_student,
+                    freeze, predict, teacher_metrics, train_teacher, with_alpha)
 
+TEST_SEED = 12345  # the test sets are drawn with this seed: the same sets for every --seed
 MAX_SEED = 2 ** 31 - 2  # numpy takes seeds below 2**32; the student uses seed + 1
 TEACHER_ATTEMPTS = 3  # trainings of a teacher that stays below its floor, each from a new start
+
+
+# ----------------------------------------------------------------------------- settings
+# Each setting is declared once, as a field of TeacherSettings or DistillSettings: its default,
+# its help text, its check and, where it is not --NAME (student) or --teacher-NAME (teacher), its
+# flag. The command line is derived from these fields (add_settings_flags); the result JSON stores
+# them; common.py's training loops read them; each script's settings block sets its own values.
+
+def setting(default, help: str, *, check: Optional[str] = None, choices: tuple = (),
+            flag: Optional[str] = None, per_loss: bool = False, bookkeeping: bool = False):
+    """A settings field. `check`: a key of CHECKS (None passes). `flag`: '' for none. `per_loss`:
+    only some losses read it. `bookkeeping`: it changes how a run computes, not what it trains."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices,
+                                            "flag": flag, "per_loss": per_loss,
+                                            "bookkeeping": bookkeeping})
+
+
+CHECKS = {"positive": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+          "count": (lambda v: v >= 1, "at least 1"),
+          "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How a teacher is trained: cross-entropy, SGD with Nesterov momentum or Adam (no momentum or
+    weight decay), cosine decay from `lr` to `lr * min_lr_frac`; all of it keys the cache."""
+    arch: str = setting("cnn", "architecture of the teacher, and of the student unless "
+                        "--student-arch", choices=ARCHS, flag="--arch")
+    width: int = setting(32, "channels of the teacher's first block", check="count")
+    steps: int = setting(1500, "teacher training steps", check="count")
+    batch_size: int = setting(64, "teacher batch size", check="count")
+    lr: float = setting(0.05, "teacher's peak learning rate", check="positive")
+    optimizer: str = setting("sgd", "sgd (Nesterov momentum) or adam", choices=("sgd", "adam"))
+    momentum: float = setting(0.9, "SGD momentum", check="fraction")
+    weight_decay: float = setting(5e-4, "SGD weight decay", check="fraction")
+    min_lr_frac: float = setting(0.01, "final / peak learning rate", check="fraction")
+    seed: int = setting(0, "initialisation and batch order (set by --seed)", flag="")
+
+
+def loss_setting(default, help: str, **kw):
+    """A setting only some losses read (runs of different losses may differ in it)."""
+    return setting(default, help, per_loss=True, **kw)
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How a student is distilled with one of LOSSES. Adam (no weight decay) with cosine decay from
+    `lr` to `lr * min_lr_frac`: the losses differ in scale by orders of magnitude, Adam's step size
+    does not. The student is built from `arch`, `width` and `seed + 1`; its batches and random
+    projections come from `seed`."""
+    loss: str = setting("kl", "ce: labels only (no teacher); kl: KL to the teacher's softened "
+                        "outputs; jacobian: (1-alpha) KL + alpha Jacobian matching; contrastive: "
+                        "(1-alpha) KL + alpha InfoNCE", choices=tuple(LOSSES))
+    arch: Optional[str] = setting(None, "the student's architecture, if not the teacher's",
+                                  choices=ARCHS, flag="--student-arch")
+    width: int = setting(16, "channels of the student's first block", check="count",
+                         flag="--student-width")
+    steps: int = setting(600, "student training steps", check="count")
+    batch_size: int = setting(64, "student batch size", check="count")
+    lr: float = setting(1e-3, "student's peak learning rate (Adam)", check="positive")
+    min_lr_frac: float = setting(0.01, "final / peak learning rate", check="fraction",
+                                 flag="--min-lr-frac")
+    alpha: Optional[float] = loss_setting(None, "weight of the Jacobian or contrastive term",
+                                          check="fraction")
+    temperature: float = loss_setting(4.0, "KL distillation temperature T", check="positive")
+    t2: bool = loss_setting(True, "plain KL times Hinton's factor T^2")
+    mixture_t2: bool = loss_setting(False, "a mixture's KL term times T^2 too (off: it would "
+                                    "weigh KL T^2 times more than alpha says)")
+    jacobian_method: str = setting("auto", "how exact Jacobians are computed (auto: the fastest "
+                                   "measured)", choices=JACOBIAN_METHODS, bookkeeping=True)
+    jacobian_estimator: str = loss_setting("exact", "exact: all classes (or --top-k); "
+                                           "projection: --projections random projections of "
+                                           "the logits", choices=("exact", "projection"))
+    projections: int = loss_setting(1, "K for --jacobian-estimator projection", check="count")
+    top_k: Optional[int] = loss_setting(None, "match only the teacher's top-k classes' rows",
+                                        check="count")
+    contrastive_temperature: float = loss_setting(0.1, "InfoNCE temperature", check="positive")
+    contrastive_dim: int = loss_setting(128, "dimension of the contrastive heads", check="count")
+    contrastive_negatives: str = loss_setting(
+        "batch", "InfoNCE negatives: the batch's other samples; only those of the same label; or "
+        "the batch and up to --contrastive-bank other training samples (teacher features)",
+        choices=("batch", "same-class", "dataset"))
+    contrastive_bank: int = loss_setting(4096, "extra negatives of --contrastive-negatives "
+                                         "dataset", check="count")
+    eval_every: Optional[int] = setting(None, "steps between two points of the curves "
+                                        "(default steps/10)", check="count", bookkeeping=True)
+    seed: int = setting(0, "batch order and projections (set by --seed)", flag="")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so one seed on one machine gives the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- errors, devices
@@ -234,25 +330,23 @@ def experiment_parser(doc: str, epilog: str, teacher_config: str, student_config
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, teacher: TeacherSettings,
-                       student: DistillSettings, alphas: dict[str, float],
-                       archs: tuple[str, ...] = ARCHS) -> None:
+                       student: DistillSettings, alphas: dict[str, float]) -> None:
     """One flag per settings field, with the script's settings block as defaults (`alphas`: the
     script's ALPHA, the default --alpha of each mixture loss), then the flags of the run itself."""
     for title, block in (("distillation (the student)", student), ("teacher", teacher)):
         group = parser.add_argument_group(title)
         for f, flag, dest in settings_flags(type(block)):
             default, kind = getattr(block, f.name), _flag_type(type(block), f.name)
-            shown = {"alpha": ", ".join(f"{k} {a:g}" for k, a in alphas.items())}.get(f.name,
-                                                                                     default)
-            options = {"default": default, "dest": dest, "help": f"{f.metadata['help']} "
-                       f"(default {shown})" if shown is not None else f.metadata["help"]}
+            shown = ", ".join(f"{k} {a:g}" for k, a in alphas.items()) if f.name == "alpha" \
+                else default
+            options = {"default": default, "dest": dest, "help": f.metadata["help"]
+                       + ("" if shown is None else f" (default {shown})")}
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
             else:
                 options["type"] = kind
-                choices = archs if f.name == "arch" else f.metadata["choices"]
-                if choices:
-                    options["choices"] = choices
+                if f.metadata["choices"]:
+                    options["choices"] = f.metadata["choices"]
             group.add_argument(flag, **options)
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0,

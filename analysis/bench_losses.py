@@ -28,14 +28,18 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 parser.add_argument("--steps", type=int, default=12, help="timed steps per method (default 12)")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-parser.add_argument("--cnn-batch", type=int, default=64, help="batch of the small CNN (default 64; 256 on a GPU)")
-parser.add_argument("--resnet-batch", type=int, default=None, help="batch of the ResNet-18 (default 8 on CPU, 64 on GPU)")
+parser.add_argument("--cnn-batch", type=int, default=64,
+                    help="batch of the small CNN (default 64; 256 on a GPU)")
+parser.add_argument("--resnet-batch", type=int, default=None,
+                    help="batch of the ResNet-18 (default 8 on CPU, 64 on GPU)")
 parser.add_argument("--models", default="cnn,resnet18", help="comma-separated: cnn, resnet18")
-parser.add_argument("--out", default=None, help="JSON output (default results/bench/<device>.json)")
-parser.add_argument("--smoke", action="store_true", help="one step per method, tiny batches: checks it runs")
+parser.add_argument("--out", default=None,
+                    help="JSON output (default results/bench/<device>.json)")
+parser.add_argument("--smoke", action="store_true",
+                    help="one step per method, tiny batches: checks it runs")
 
-METHODS = ["ce", "kl", "contrastive", "jacobian-naive", "jacobian-explicit", "jacobian-loop", "jacobian-batched",
-           "jacobian-vmap", "projection-1", "projection-4"]
+METHODS = ["ce", "kl", "contrastive", "jacobian-naive", "jacobian-explicit", "jacobian-loop",
+           "jacobian-batched", "jacobian-vmap", "projection-1", "projection-4"]
 
 
 def naive_reference_loss(student, teacher, x, t_logits, alpha, temperature):
@@ -56,14 +60,17 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
     widths = {"cnn": (32, 16), "resnet18": (64, 32)}[arch]
     teacher = common.freeze(common.build_model(arch, image[0], 10, widths[0]).to(device))
     n = batch * 4
-    data = common.TensorSet(torch.rand(n, *image, device=device), torch.randint(10, (n,), device=device))
+    data = common.TensorSet(torch.rand(n, *image, device=device),
+                            torch.randint(10, (n,), device=device))
     rows = []
     for method in METHODS:
         if method == "jacobian-vmap" and arch == "resnet18":
-            print(f"  {arch:<9}{method:<18}  skipped: torch.func cannot run BatchNorm in training mode", flush=True)
+            print(f"  {arch:<9}{method:<18}  "
+                  "skipped: torch.func cannot run BatchNorm in training mode", flush=True)
             continue
         if method == "jacobian-explicit" and arch == "resnet18":
-            print(f"  {arch:<9}{method:<18}  skipped: only the small CNN has a hand-written backward pass", flush=True)
+            print(f"  {arch:<9}{method:<18}  "
+                  "skipped: only the small CNN has a hand-written backward pass", flush=True)
             continue
         torch.manual_seed(1)
         student = common.build_model(arch, image[0], 10, widths[1]).to(device).train()
@@ -72,11 +79,13 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
             loss, jac_method = "jacobian", method.split("-")[1]
         elif method.startswith("projection-"):
             loss, estimator, k = "jacobian", "projection", int(method.split("-")[1])
-        settings = common.DistillSettings(loss=loss, jacobian_method=jac_method if jac_method != "naive"
-                                          else "auto", jacobian_estimator=estimator, projections=k)
+        settings = harness.DistillSettings(
+            loss=loss, jacobian_method=jac_method if jac_method != "naive" else "auto",
+            jacobian_estimator=estimator, projections=k)
         spec = common.LOSSES[loss]
         needs = ("logits",) if jac_method == "naive" else spec.needs
-        targets = common.teacher_targets(teacher, data.x, needs) if needs else {}  # setup, not timed
+        # setup, not timed
+        targets = common.teacher_targets(teacher, data.x, needs) if needs else {}
         aux = spec.aux(student, teacher, settings).to(device) if spec.aux else None
         params = list(student.parameters()) + (list(aux.parameters()) if aux else [])
         opt = torch.optim.Adam(params, lr=1e-4)
@@ -84,8 +93,9 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
             objective = lambda x, y, idx: {"naive": (1.0, naive_reference_loss(  # noqa: E731
                 student, teacher, x, targets["logits"][idx], 0.5, 4.0))}
         else:
-            objective = common.distillation_objective(student, teacher, targets, settings, aux,
-                                                      generator=torch.Generator(device=device).manual_seed(0))
+            objective = common.distillation_objective(
+                student, teacher, targets, settings, aux,
+                generator=torch.Generator(device=device).manual_seed(0))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
@@ -102,14 +112,17 @@ def bench_model(arch: str, batch: int, image: tuple, args, device: torch.device)
                 torch.cuda.synchronize(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
-        row = {"model": arch, "batch": batch, "method": method, "median_ms": 1e3 * statistics.median(times),
-               "iqr_ms": 1e3 * (statistics.quantiles(times, n=4)[2] - statistics.quantiles(times, n=4)[0])
+        row = {"model": arch, "batch": batch, "method": method,
+               "median_ms": 1e3 * statistics.median(times),
+               "iqr_ms": 1e3 * (statistics.quantiles(times, n=4)[2]
+                                - statistics.quantiles(times, n=4)[0])
                if len(times) >= 2 else 0.0}
         if device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         else:
             import resource
-            row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-wide peak so far
+            # process-wide peak so far
+            row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(row)
         print(f"  {arch:<9}{method:<18}{row['median_ms']:9.1f} ms", flush=True)
     kl = next(r["median_ms"] for r in rows if r["method"] == "kl")
@@ -127,7 +140,8 @@ def main():
         args.steps, args.warmup, args.cnn_batch, args.resnet_batch = 1, 0, 4, 2
     resnet_batch = args.resnet_batch or (8 if device.type == "cpu" else 64)
     if min(args.steps, args.cnn_batch, resnet_batch) < 1 or args.warmup < 0:
-        raise common.UserError("--steps, --cnn-batch and --resnet-batch must be at least 1, --warmup at least 0")
+        raise common.UserError("--steps, --cnn-batch and --resnet-batch must be at least 1, "
+                               "--warmup at least 0")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = args.out or os.path.join("results", "bench", name.replace(" ", "_") + ".json")
     harness.prepare_output(out)
@@ -138,13 +152,16 @@ def main():
     for arch in args.models.split(","):
         if arch not in ("cnn", "resnet18"):
             raise common.UserError(f"unknown model '{arch}' in --models; use cnn and/or resnet18")
-        batch, image = (args.cnn_batch, (3, 28, 28)) if arch == "cnn" else (resnet_batch, (3, 32, 32))
+        batch, image = ((args.cnn_batch, (3, 28, 28)) if arch == "cnn"
+                        else (resnet_batch, (3, 32, 32)))
         rows += bench_model(arch, batch, image, args, device)
-    print(f"\n{'model':<10}{'batch':>6}  {'method':<18}{'median ms':>10}{'IQR ms':>8}{'x kl':>7}{'x naive':>8}")
+    print(f"\n{'model':<10}{'batch':>6}  {'method':<18}{'median ms':>10}{'IQR ms':>8}{'x kl':>7}"
+          f"{'x naive':>8}")
     for r in rows:
-        print(f"{r['model']:<10}{r['batch']:>6}  {r['method']:<18}{r['median_ms']:>10.1f}{r['iqr_ms']:>8.1f}"
-              f"{r['x_kl']:>7.2f}{r['x_naive']:>8.2f}")
-    harness.write_result(out, {"device": name, "env": harness.environment(device), "args": vars(args), "rows": rows})
+        print(f"{r['model']:<10}{r['batch']:>6}  {r['method']:<18}{r['median_ms']:>10.1f}"
+              f"{r['iqr_ms']:>8.1f}{r['x_kl']:>7.2f}{r['x_naive']:>8.2f}")
+    harness.write_result(out, {"device": name, "env": harness.environment(device),
+                               "args": vars(args), "rows": rows})
     print(f"result: {out}")
 
 

@@ -1,4 +1,5 @@
-"""Train each experiment's default teacher for several seeds and thread counts, and print its accuracy.
+"""Train each experiment's default teacher for several seeds and thread counts, and print its
+accuracy.
 
 A distilled student means something only if its teacher learned: this trains the default teacher
 of each script (a fresh one, in a temporary cache) with one student step, and prints the metric
@@ -31,19 +32,24 @@ CHECKS = {
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-parser.add_argument("--scripts", nargs="+", default=list(CHECKS), choices=list(CHECKS), help="scripts (default: all)")
+parser.add_argument("--scripts", nargs="+", default=list(CHECKS), choices=list(CHECKS),
+                    help="scripts (default: all)")
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
-parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="OMP_NUM_THREADS values (default 1 2)")
+parser.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                    help="OMP_NUM_THREADS values (default 1 2)")
 parser.add_argument("--cache-dir", default=None,
-                    help="keep the teachers in DIR/threads<T> (default: a temporary folder); they are always retrained")
-parser.add_argument("--smoke", action="store_true", help="pass --smoke to the scripts (a seconds-long check of this tool)")
+                    help="keep the teachers in DIR/threads<T> (default: a temporary folder); "
+                         "they are always retrained")
+parser.add_argument("--smoke", action="store_true",
+                    help="pass --smoke to the scripts (a seconds-long check of this tool)")
 
 
 def main() -> None:
     args = parser.parse_args()
     if min(args.threads) < 1 or min(args.seeds) < 0:
         raise UserError("--threads must be at least 1 and --seeds at least 0")
-    print(f"{'script':<22}{'seed':>5}{'threads':>8}  {'metric':<22}{'value':>7}{'bar':>6}  {'teacher s':>9}{'wall s':>8}")
+    print(f"{'script':<22}{'seed':>5}{'threads':>8}  {'metric':<22}{'value':>7}{'bar':>6}  "
+          f"{'teacher s':>9}{'wall s':>8}")
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for script in args.scripts:
@@ -52,12 +58,14 @@ def main() -> None:
                 for seed in args.seeds:
                     out = os.path.join(tmp, f"{script}_{seed}_{threads}.json")
                     cache = os.path.join(args.cache_dir or tmp, f"threads{threads}")
-                    cmd = [sys.executable, os.path.join(ROOT, script), "--seed", str(seed), "--steps", "1",
-                           "--eval-every", "1", "--retrain-teacher", "--cache-dir", cache, "--out", out]
-                    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                    cmd = [sys.executable, os.path.join(ROOT, script), "--seed", str(seed),
+                           "--steps", "1", "--eval-every", "1", "--retrain-teacher",
+                           "--cache-dir", cache, "--out", out]
+                    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+                               MKL_NUM_THREADS=str(threads))
                     start = time.perf_counter()
-                    proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), env=env, capture_output=True,
-                                          text=True)
+                    proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), env=env,
+                                          capture_output=True, text=True)
                     wall = time.perf_counter() - start
                     if proc.returncode != 0:
                         failures += 1
@@ -68,8 +76,10 @@ def main() -> None:
                         result = json.load(f)
                     value = result["teacher"]["eval"][test_set][metric]
                     failures += value < bar
-                    print(f"{script:<22}{seed:>5}{threads:>8}  {test_set + ' ' + metric:<22}{value:>7.3f}{bar:>6.2f}  "
-                          f"{result['timing']['teacher_train_s']:>9.1f}{wall:>8.1f}{'' if value >= bar else '  BELOW'}",
+                    print(f"{script:<22}{seed:>5}{threads:>8}  "
+                          f"{test_set + ' ' + metric:<22}{value:>7.3f}{bar:>6.2f}  "
+                          f"{result['timing']['teacher_train_s']:>9.1f}{wall:>8.1f}"
+                          f"{'' if value >= bar else '  BELOW'}",
                           flush=True)
     if failures:
         raise UserError(f"{failures} teacher(s) failed or stayed below the bar")

@@ -1,4 +1,5 @@
-"""Run an experiment's teacher x student x loss x seed grid: locally in parallel, or as a SLURM array.
+"""Run an experiment's teacher x student x loss x seed grid: locally in parallel, or as a SLURM
+array.
 
 Each cell is one call of the experiment script, writing
 `<results>/<teacher>_<student>_<loss>_seed<seed>.json`. Cells whose JSON exists are skipped, so
@@ -22,8 +23,8 @@ e.g. `--sweep alpha=0.1,0.5,0.9 --sweep temperature=1,4`; each result is named w
 (`..._seed0_alpha0.5_temperature4.json`) and records them in its arguments, so figures.py can
 draw the dose-response of a metric against them (--dose).
 
-    python analysis/grid.py exp_colored_mnist.py --teachers I+rA --students IA --losses kl jacobian \
-        --sweep alpha=0.1,0.5,0.9 --seeds 0 1 2 --results results/sweep_alpha
+    python analysis/grid.py exp_colored_mnist.py --teachers I+rA --students IA \\
+        --losses kl jacobian --sweep alpha=0.1,0.5,0.9 --seeds 0 1 2 --results results/sweep_alpha
 
 Arguments after `--` go to every call of the script unchanged (e.g. `-- --steps 150`), except the
 flags the grid sets for each cell (--teacher-config, --student-config, --loss, --seed, --out,
@@ -55,43 +56,56 @@ from common import LOSSES, UserError  # noqa: E402
 from harness import run_cli  # noqa: E402
 from analysis.results import is_config  # noqa: E402
 
-COST_ORDER = ("jacobian", "contrastive", "kl", "ce")  # slowest first, so the pool ends on short cells
+# slowest first, so the pool ends on short cells
+COST_ORDER = ("jacobian", "contrastive", "kl", "ce")
 
 
 def default_workers(threads: int = 1) -> int:
     """One worker per `threads` usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else (os.cpu_count() or 1))
     return max(1, cores // max(threads, 1))
 
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
 parser.add_argument("script", help="the experiment script, e.g. exp_colored_mnist.py")
 parser.add_argument("--mechanisms", default=None,
-                    help="letters of the experiment's mechanisms, e.g. IA: teachers and students default to every "
-                         "configuration where a non-empty subset of them carries the label (I, A, IA)")
-parser.add_argument("--teachers", nargs="+", default=None, help="teacher configurations, e.g. I A IA I+rA")
+                    help="letters of the experiment's mechanisms, e.g. IA: teachers and students "
+                         "default to every configuration where a non-empty subset of them carries "
+                         "the label (I, A, IA)")
+parser.add_argument("--teachers", nargs="+", default=None,
+                    help="teacher configurations, e.g. I A IA I+rA")
 parser.add_argument("--students", nargs="+", default=None, help="student configurations")
-parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES), help="losses (default: all four)")
+parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES),
+                    help="losses (default: all four)")
 parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (default 0 1)")
 parser.add_argument("--sweep", action="append", default=[], metavar="FLAG=V1,V2,...",
-                    help="also vary a script flag over these values, e.g. alpha=0.1,0.5,0.9 (repeatable: every "
-                         "combination runs)")
-parser.add_argument("--results", default=None, help="folder of the result JSON files (default results/<script name>)")
-parser.add_argument("--cache-dir", default="cache/teachers", help="teacher cache shared by all cells (default cache/teachers)")
+                    help="also vary a script flag over these values, e.g. alpha=0.1,0.5,0.9 "
+                         "(repeatable: every combination runs)")
+parser.add_argument("--results", default=None,
+                    help="folder of the result JSON files (default results/<script name>)")
+parser.add_argument("--cache-dir", default="cache/teachers",
+                    help="teacher cache shared by all cells (default cache/teachers)")
 parser.add_argument("--workers", type=int, default=None,
-                    help=f"parallel cells (default: usable cores / --threads, here {default_workers()})")
+                    help=f"parallel cells (default: usable cores / --threads, "
+                         f"here {default_workers()})")
 parser.add_argument("--threads", type=int, default=1, help="CPU threads per cell (default 1)")
-parser.add_argument("--python", default=sys.executable, help="Python that runs the script (default: this one)")
+parser.add_argument("--python", default=sys.executable,
+                    help="Python that runs the script (default: this one)")
 parser.add_argument("--dry-run", action="store_true", help="print the cells' commands and exit")
 g = parser.add_argument_group("SLURM (write an array job instead of running)")
-g.add_argument("--slurm", metavar="PATH", default=None, help="write an sbatch script with one array task per missing cell")
+g.add_argument("--slurm", metavar="PATH", default=None,
+               help="write an sbatch script with one array task per missing cell")
 g.add_argument("--slurm-time", default="02:00:00", help="time limit per task (default 02:00:00)")
 g.add_argument("--slurm-mem", default="8G", help="memory per task (default 8G)")
 g.add_argument("--slurm-partition", default=None, help="partition (default: the cluster's)")
 g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per task (default 0)")
-g.add_argument("--slurm-max-parallel", type=int, default=None, help="run at most this many tasks at once (%%N)")
-g.add_argument("--slurm-setup", default=None, help="shell line run before each task, e.g. 'source ~/venv/bin/activate'")
+g.add_argument("--slurm-max-parallel", type=int, default=None,
+               help="run at most this many tasks at once (%%N)")
+g.add_argument("--slurm-setup", default=None,
+               help="shell line run before each task, e.g. 'source ~/venv/bin/activate'")
 
 
 # ----------------------------------------------------------------------------- cells
@@ -115,7 +129,8 @@ def all_configs(mechanisms: str) -> list[str]:
     """Every configuration in which a non-empty subset of the mechanisms carries the label, the
     others absent: IA -> I, A, IA."""
     letters = list(dict.fromkeys(mechanisms))
-    return ["".join(c) for k in range(1, len(letters) + 1) for c in itertools.combinations(letters, k)]
+    return ["".join(c) for k in range(1, len(letters) + 1)
+            for c in itertools.combinations(letters, k)]
 
 
 def parse_sweeps(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -126,14 +141,17 @@ def parse_sweeps(specs: list[str]) -> list[tuple[str, list[str]]]:
         flag = flag.strip().lstrip("-")
         vals = [v.strip() for v in values.split(",")]
         if not eq or not re.fullmatch(r"[a-z][a-z0-9-]*", flag) or not all(vals):
-            raise UserError(f"--sweep '{spec}' is not FLAG=V1,V2,...; write e.g. --sweep alpha=0.1,0.5,0.9")
+            raise UserError(f"--sweep '{spec}' is not FLAG=V1,V2,...; "
+                            "write e.g. --sweep alpha=0.1,0.5,0.9")
         if len(set(vals)) != len(vals):
             raise UserError(f"--sweep '{spec}' repeats a value")
         if flag in [f for f, _ in sweeps]:
-            raise UserError(f"--sweep names {flag} twice; give all its values in one --sweep {flag}=...")
+            raise UserError(f"--sweep names {flag} twice; "
+                            f"give all its values in one --sweep {flag}=...")
         if shadowed_flag(f"--{flag}"):
-            raise UserError(f"--sweep {flag}: the grid sets --{flag} for each cell itself; use its own options "
-                            f"(--teachers, --students, --losses, --seeds, --results, --cache-dir)")
+            raise UserError(f"--sweep {flag}: the grid sets --{flag} for each cell itself; "
+                            "use its own options (--teachers, --students, --losses, --seeds, "
+                            "--results, --cache-dir)")
         sweeps.append((flag, vals))
     return sweeps
 
@@ -141,11 +159,13 @@ def parse_sweeps(specs: list[str]) -> list[tuple[str, list[str]]]:
 def make_cells(teachers: list[str], students: list[str], losses: list[str], seeds: list[int],
                sweeps: Optional[list[tuple[str, list[str]]]] = None) -> list[Cell]:
     """All cells (every combination of the swept values too), ordered so that the first cells need
-    distinct teachers (they train in parallel and fill the cache), then the slowest losses first."""
+    distinct teachers (they train in parallel and fill the cache), then the slowest losses
+    first."""
     flags = [flag for flag, _ in sweeps or []]
-    combos = [tuple(zip(flags, values)) for values in itertools.product(*[v for _, v in sweeps or []])]
-    cells = [Cell(t, s, l, seed, swept) for t in teachers for s in students for l in losses for seed in seeds
-             for swept in combos]
+    combos = [tuple(zip(flags, values))
+              for values in itertools.product(*[v for _, v in sweeps or []])]
+    cells = [Cell(t, s, l, seed, swept) for t in teachers for s in students for l in losses
+             for seed in seeds for swept in combos]
     cost = {loss: i for i, loss in enumerate(COST_ORDER)}
     cells.sort(key=lambda c: (cost.get(c.loss, 0), c.student, c.teacher, c.seed))
     first, rest, seen = [], [], set()
@@ -167,11 +187,13 @@ def is_done(path: str) -> bool:
 
 
 def cell_args(args, cell: Cell) -> list[str]:
-    """The arguments of one call of the script (after its path), as the script sees them in sys.argv[1:]."""
+    """The arguments of one call of the script (after its path), as the script sees them in
+    sys.argv[1:]."""
     out = os.path.join(args.results, f"{cell.name}.json")
     swept = [a for flag, value in cell.swept for a in (f"--{flag}", value)]
     return ["--teacher-config", cell.teacher, "--student-config", cell.student, "--loss", cell.loss,
-            "--seed", str(cell.seed), "--out", out, "--cache-dir", args.cache_dir, *swept, *args.extra]
+            "--seed", str(cell.seed), "--out", out, "--cache-dir", args.cache_dir, *swept,
+            *args.extra]
 
 
 def command(args, cell: Cell) -> list[str]:
@@ -179,14 +201,16 @@ def command(args, cell: Cell) -> list[str]:
 
 
 # flags the grid sets for each cell: arguments after -- must not repeat or abbreviate them
-RESERVED = tuple(a for a in cell_args(argparse.Namespace(results="", cache_dir="", extra=[]), Cell("I", "I", "kl", 0))
+RESERVED = tuple(a for a in cell_args(argparse.Namespace(results="", cache_dir="", extra=[]),
+                                      Cell("I", "I", "kl", 0))
                  if a.startswith("--"))
-WHERE_ONLY = ("--out", "--cache-dir")  # where the result and the teachers go: they do not change the numbers
+# where the result and the teachers go: they do not change the numbers
+WHERE_ONLY = ("--out", "--cache-dir")
 
 
 def shadowed_flag(arg: str) -> Optional[str]:
-    """The grid's flag that `arg` would set in the script (equal, `--flag=value`, or an abbreviation,
-    which argparse accepts by default), or None."""
+    """The grid's flag that `arg` would set in the script (equal, `--flag=value`, or an
+    abbreviation, which argparse accepts by default), or None."""
     if not arg.startswith("--") or arg == "--":
         return None
     name = arg.split("=", 1)[0]
@@ -238,7 +262,8 @@ def _show(flag: str, occurrences: list[tuple]) -> str:
 
 
 def argv_difference(stored: list[str], wanted: list[str]) -> str:
-    """What differs between the settings of two argument lists (--out and --cache-dir aside); '' when nothing."""
+    """What differs between the settings of two argument lists (--out and --cache-dir aside);
+    '' when nothing."""
     a, b = _options(settings_of(stored)), _options(settings_of(wanted))
     parts = []
     for flag in dict.fromkeys([*a, *b]):
@@ -264,7 +289,8 @@ def existing_mismatch(path: str, wanted: list[str]) -> str:
     provenance = data.get("provenance") if isinstance(data, dict) else None
     argv = provenance.get("argv") if isinstance(provenance, dict) else None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        return "records no provenance.argv (an older file, or not a result), so its settings are unknown"
+        return ("records no provenance.argv (an older file, or not a result), "
+                "so its settings are unknown")
     diff = argv_difference(argv, wanted)
     return f"was made with other settings ({diff})" if diff else ""
 
@@ -284,16 +310,18 @@ def check_existing(args, cells: list[Cell]) -> list[Cell]:
             bad.append((path, why))
     if bad:
         path, why = bad[0]
-        more = f" ({len(bad) - 1} more of this grid's files do not match either)" if len(bad) > 1 else ""
-        raise UserError(f"{path} exists but {why}{more}; it would count as done: use another --results folder "
-                        f"or delete the file{'s' if more else ''}")
+        more = (f" ({len(bad) - 1} more of this grid's files do not match either)"
+                if len(bad) > 1 else "")
+        raise UserError(f"{path} exists but {why}{more}; it would count as done: "
+                        f"use another --results folder or delete the file{'s' if more else ''}")
     return todo
 
 
 # ----------------------------------------------------------------------------- local pool
 
 class Pool:
-    """Runs cells as subprocesses, at most `workers` at once, each logging to <results>/logs/<cell>.log.
+    """Runs cells as subprocesses, at most `workers` at once, each logging to
+    <results>/logs/<cell>.log.
 
     Each running cell holds an exclusive lock on logs/<cell>.lock (handed to the child process, so
     it lasts as long as the child), so two runners on the same folder never run the same cell.
@@ -305,7 +333,8 @@ class Pool:
         self.procs: dict[Cell, subprocess.Popen] = {}
         self.guard = threading.Lock()
         self.stopping = threading.Event()
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+                        MKL_NUM_THREADS=str(args.threads))
 
     def run(self, cell: Cell) -> tuple[str, float]:
         """('ok' | 'failed:<code>' | 'busy' | 'stopped', seconds)."""
@@ -327,8 +356,9 @@ class Pool:
                 with self.guard:
                     if self.stopping.is_set():
                         return "stopped", 0.0
-                    proc = subprocess.Popen(command(self.args, cell), stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.env, start_new_session=True, pass_fds=(lock.fileno(),))
+                    proc = subprocess.Popen(command(self.args, cell), stdout=log,
+                                            stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True, pass_fds=(lock.fileno(),))
                     self.procs[cell] = proc
                 code = proc.wait()
             with self.guard:
@@ -344,7 +374,8 @@ class Pool:
 
     def stop(self) -> None:
         """Ctrl-C: stop starting cells, interrupt the running ones (they write no partial result).
-        SIGTERM rather than SIGINT: a runner started in the background passes an ignored SIGINT on."""
+        SIGTERM rather than SIGINT: a runner started in the background passes an ignored SIGINT
+        on."""
         self.stopping.set()
         with self.guard:
             procs = list(self.procs.values())
@@ -372,8 +403,8 @@ def run_local(args, todo: list[Cell], total: int) -> int:
     os.makedirs(os.path.join(args.results, "logs"), exist_ok=True)
     pool = Pool(args)
     workers = min(args.workers, len(todo))
-    print(f"grid: {total} cells, {total - len(todo)} done already, running {len(todo)} with {workers} workers "
-          f"x {args.threads} thread(s); logs in {pool.logs}", flush=True)
+    print(f"grid: {total} cells, {total - len(todo)} done already, running {len(todo)} with "
+          f"{workers} workers x {args.threads} thread(s); logs in {pool.logs}", flush=True)
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="cell", disable=None, dynamic_ncols=True)
@@ -385,8 +416,10 @@ def run_local(args, todo: list[Cell], total: int) -> int:
     # Ctrl-C and SIGTERM only set a flag that the loop checks: an exception raised at an arbitrary
     # point could leave a lock of concurrent.futures held, and the pool would then never shut down.
     stop_requested = threading.Event()
-    handled = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop_requested.set()) for sig in handled}
+    handled = [signal.SIGTERM] + (
+        [signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop_requested.set())
+                for sig in handled}
     executor = ThreadPoolExecutor(max_workers=workers)
     futures = {executor.submit(pool.run, c): c for c in todo}
     try:
@@ -403,18 +436,21 @@ def run_local(args, todo: list[Cell], total: int) -> int:
                     done += 1
                     elapsed = time.perf_counter() - t0
                     eta = elapsed / count * (len(todo) - count)
-                    say(f"[{count}/{len(todo)}] done   {cell.name}  ({seconds:.0f} s; {elapsed / 60:.1f} min elapsed, "
-                        f"about {eta / 60:.0f} min left)")
+                    say(f"[{count}/{len(todo)}] done   {cell.name}  ({seconds:.0f} s; "
+                        f"{elapsed / 60:.1f} min elapsed, about {eta / 60:.0f} min left)")
                 elif status == "busy":
                     busy.append(cell)
                     say(f"[{count}/{len(todo)}] busy   {cell.name}  (another runner is running it)")
                 elif status.startswith("failed"):
                     log = os.path.join(pool.logs, f"{cell.name}.log")
                     failed.append((cell, status.split(":", 1)[1], log))
-                    say(f"[{count}/{len(todo)}] FAILED {cell.name}  (exit {status.split(':', 1)[1]}): {last_line(log)}")
+                    say(f"[{count}/{len(todo)}] FAILED {cell.name}  "
+                        f"(exit {status.split(':', 1)[1]}): {last_line(log)}")
                     if status == "failed:2" and done == 0 and len(failed) == 1:
-                        # exit 2 is the scripts' "error: ..." for bad input; every cell shares the flags
-                        say("stopping: the script rejected its arguments; fix them and rerun the same command")
+                        # exit 2 is the scripts' "error: ..." for bad input; every cell shares the
+                        # flags
+                        say("stopping: the script rejected its arguments; "
+                            "fix them and rerun the same command")
                         pool.stop()
                 if bar is not None:
                     bar.update(1)
@@ -437,8 +473,8 @@ def run_local(args, todo: list[Cell], total: int) -> int:
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
-    print(f"grid: {done} cells run in {elapsed / 60:.1f} min, {len(failed)} failed, {len(busy)} busy elsewhere; "
-          f"results in {args.results}")
+    print(f"grid: {done} cells run in {elapsed / 60:.1f} min, {len(failed)} failed, "
+          f"{len(busy)} busy elsewhere; results in {args.results}")
     for cell, code, log in failed:
         print(f"  failed {cell.name} (exit {code}): see {log}", file=sys.stderr)
     return 1 if failed or pool.stopping.is_set() else 0
@@ -459,8 +495,9 @@ def array_spec(indices: list[int]) -> str:
 
 
 def slurm_script(args, cells: list[Cell], todo: list[Cell]) -> str:
-    """An sbatch script: array task i runs cell i (numbering over all cells, stable across rewrites);
-    only the cells without a result are in --array. A task whose result exists exits at once."""
+    """An sbatch script: array task i runs cell i (numbering over all cells, stable across
+    rewrites); only the cells without a result are in --array. A task whose result exists exits at
+    once."""
     index = {c: i for i, c in enumerate(cells)}
     spec = array_spec(sorted(index[c] for c in todo))
     if args.slurm_max_parallel:
@@ -478,7 +515,8 @@ def slurm_script(args, cells: list[Cell], todo: list[Cell]) -> str:
         lines.append(f"#SBATCH --partition={args.slurm_partition}")
     if args.slurm_gpus:
         lines.append(f"#SBATCH --gres=gpu:{args.slurm_gpus}")
-    lines += ["# Written by analysis/grid.py: one array task per (teacher, student, loss, seed) cell.",
+    lines += [("# Written by analysis/grid.py: "
+               "one array task per (teacher, student, loss, seed) cell."),
               f"# Submit with: sbatch {args.slurm}",
               "set -euo pipefail",
               f"cd {shlex.quote(os.getcwd())}",
@@ -489,7 +527,8 @@ def slurm_script(args, cells: list[Cell], todo: list[Cell]) -> str:
               'case "${SLURM_ARRAY_TASK_ID:?run this script with sbatch}" in']
     for c in cells:
         out = os.path.join(args.results, f"{c.name}.json")
-        lines.append(f"  {index[c]}) out={shlex.quote(out)}; cmd=({shlex.join(command(args, c))}) ;;")
+        lines.append(f"  {index[c]}) out={shlex.quote(out)}; "
+                     f"cmd=({shlex.join(command(args, c))}) ;;")
     lines += ['  *) echo "no cell number $SLURM_ARRAY_TASK_ID in this grid" >&2; exit 2 ;;',
               "esac",
               'if [ -s "$out" ]; then echo "$out exists: cell done already"; exit 0; fi',
@@ -507,7 +546,8 @@ MEM_RE = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
 
 
 def slurm_minutes(text: str) -> Optional[float]:
-    """Minutes of a SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS), None if malformed."""
+    """Minutes of a SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS), None if
+    malformed."""
     m = TIME_RE.match(text)
     if not m:
         return None
@@ -531,18 +571,21 @@ def check_options(args) -> None:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if os.sep in args.python or (os.altsep and os.altsep in args.python):
         if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
-            raise UserError(f"--python {args.python} is not an executable file; pass e.g. --python {sys.executable}")
+            raise UserError(f"--python {args.python} is not an executable file; "
+                            f"pass e.g. --python {sys.executable}")
     elif shutil.which(args.python) is None:
-        raise UserError(f"--python {args.python} is not found on PATH; pass its full path, e.g. {sys.executable}")
+        raise UserError(f"--python {args.python} is not found on PATH; "
+                        f"pass its full path, e.g. {sys.executable}")
     minutes = slurm_minutes(args.slurm_time)
     if minutes is None:
-        raise UserError(f"--slurm-time '{args.slurm_time}' is not a SLURM time; write MM, MM:SS, HH:MM:SS, D-HH, "
-                        f"D-HH:MM or D-HH:MM:SS, e.g. 02:00:00")
+        raise UserError(f"--slurm-time '{args.slurm_time}' is not a SLURM time; "
+                        "write MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 02:00:00")
     if minutes <= 0:
         raise UserError(f"--slurm-time must be positive, got '{args.slurm_time}'")
     mem = MEM_RE.match(args.slurm_mem)
     if not mem or int(mem.group(1)) <= 0:
-        raise UserError(f"--slurm-mem '{args.slurm_mem}' is not a positive amount; write e.g. 8G, 500M or 8000")
+        raise UserError(f"--slurm-mem '{args.slurm_mem}' is not a positive amount; "
+                        "write e.g. 8G, 500M or 8000")
     args.slurm_mem = args.slurm_mem.upper()
     if args.slurm_gpus < 0:
         raise UserError(f"--slurm-gpus must be 0 or more, got {args.slurm_gpus}")
@@ -551,13 +594,15 @@ def check_options(args) -> None:
     for a in args.extra:
         flag = shadowed_flag(a)
         if flag:
-            raise UserError(f"'{a}' after -- would set the script's {flag}, which the grid sets for each cell; "
-                            f"remove it (use the grid's own options, e.g. --seeds, --results, --cache-dir)")
+            raise UserError(f"'{a}' after -- would set the script's {flag}, which the grid sets "
+                            "for each cell; remove it (use the grid's own options, e.g. --seeds, "
+                            "--results, --cache-dir)")
     args.sweeps = parse_sweeps(args.sweep)
     for flag, _ in args.sweeps:
         clash = [a for a in args.extra if a == f"--{flag}" or a.startswith(f"--{flag}=")]
         if clash:
-            raise UserError(f"'{clash[0]}' after -- sets a flag that --sweep {flag} varies; remove one of them")
+            raise UserError(f"'{clash[0]}' after -- sets a flag that --sweep {flag} varies; "
+                            "remove one of them")
 
 
 def main() -> int:
@@ -569,11 +614,13 @@ def main() -> int:
     args = parser.parse_args(argv)
     args.extra = extra
     if not os.path.isfile(args.script):
-        raise UserError(f"experiment script {args.script} not found; pass e.g. exp_colored_mnist.py")
+        raise UserError(f"experiment script {args.script} not found; "
+                        "pass e.g. exp_colored_mnist.py")
     args.script = os.path.abspath(args.script)
     check_options(args)
     if args.mechanisms is None and (args.teachers is None or args.students is None):
-        raise UserError("say which configurations to run: --mechanisms IA, or --teachers ... and --students ...")
+        raise UserError("say which configurations to run: --mechanisms IA, "
+                        "or --teachers ... and --students ...")
     if args.mechanisms is not None and not args.mechanisms.isalpha():
         raise UserError(f"--mechanisms takes letters such as IA or IAB, got '{args.mechanisms}'")
     teachers = args.teachers or all_configs(args.mechanisms.upper())
@@ -584,7 +631,8 @@ def main() -> int:
     if args.workers is None:
         args.workers = default_workers(args.threads)
     name = os.path.splitext(os.path.basename(args.script))[0]
-    args.results = os.path.abspath(args.results or os.path.join(ROOT, "results", name.removeprefix("exp_")))
+    args.results = os.path.abspath(args.results
+                                   or os.path.join(ROOT, "results", name.removeprefix("exp_")))
     args.cache_dir = os.path.abspath(args.cache_dir)
     cells = make_cells(list(dict.fromkeys(teachers)), list(dict.fromkeys(students)), args.losses,
                        list(dict.fromkeys(args.seeds)), args.sweeps)
@@ -599,13 +647,15 @@ def main() -> int:
             return 0
         text = slurm_script(args, cells, todo)
         try:
-            os.makedirs(os.path.join(args.results, "logs"), exist_ok=True)  # sbatch does not create --output's folder
+            # sbatch does not create --output's folder
+            os.makedirs(os.path.join(args.results, "logs"), exist_ok=True)
             with open(args.slurm, "w") as f:
                 f.write(text)
         except OSError as e:
-            raise UserError(f"cannot write {args.slurm} ({e.strerror}); choose another --slurm path")
-        print(f"wrote {args.slurm}: {len(todo)} array tasks ({len(cells) - len(todo)} cells done already); "
-              f"submit with: sbatch {args.slurm}")
+            raise UserError(f"cannot write {args.slurm} ({e.strerror}); "
+                            "choose another --slurm path")
+        print(f"wrote {args.slurm}: {len(todo)} array tasks "
+              f"({len(cells) - len(todo)} cells done already); submit with: sbatch {args.slurm}")
         return 0
     if not todo:
         print(f"grid: all {len(cells)} cells have results in {args.results}; nothing to run")

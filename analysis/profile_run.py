@@ -21,16 +21,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import harness  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Arguments after -- go to the experiment script.")
 parser.add_argument("script", help="the experiment script, e.g. exp_colored_mnist.py")
-parser.add_argument("--top", type=int, default=20, help="profile lines to print per ordering (default 20)")
-parser.add_argument("--out", default=None, help="also save the raw profile here (for snakeviz or pstats)")
+parser.add_argument("--top", type=int, default=20,
+                    help="profile lines to print per ordering (default 20)")
+parser.add_argument("--out", default=None,
+                    help="also save the raw profile here (for snakeviz or pstats)")
 
 
 def _called_from(stats: pstats.Stats, caller: str) -> list[tuple[str, str, float]]:
     """(file, function, seconds) of every function called directly by common.py's `caller`, with
-    the time of those calls only (a function that is also called elsewhere counts once per caller)."""
+    the time of those calls only (a function that is also called elsewhere counts once per
+    caller)."""
     out = []
     for (file, _, func), (_, _, _, _, callers) in stats.stats.items():
         for (caller_file, _, caller_func), timing in callers.items():
@@ -41,15 +45,18 @@ def _called_from(stats: pstats.Stats, caller: str) -> list[tuple[str, str, float
 
 def breakdown(stats: pstats.Stats) -> dict[str, float]:
     """Seconds of the student's training loop by part, from a profile of one experiment run."""
-    distill = sum(v[3] for (file, _, func), v in stats.stats.items() if func == "distill" and file.endswith("common.py"))
-    parts = dict.fromkeys(["forward + loss (objective)", "backward", "optimizer + scheduler", "evaluation"], 0.0)
+    distill = sum(v[3] for (file, _, func), v in stats.stats.items()
+                  if func == "distill" and file.endswith("common.py"))
+    parts = dict.fromkeys(["forward + loss (objective)", "backward", "optimizer + scheduler",
+                           "evaluation"], 0.0)
     setup = 0.0
     for file, func, seconds in _called_from(stats, "distill"):
         if func == "objective":
             parts["forward + loss (objective)"] += seconds
         elif func == "backward" and file.endswith("_tensor.py"):
             parts["backward"] += seconds
-        elif "optim" in file and func in ("wrapper", "step"):  # Adam.step (through its hook wrapper), the scheduler
+        elif "optim" in file and func in ("wrapper", "step"):
+            # Adam.step (through its hook wrapper), the scheduler
             parts["optimizer + scheduler"] += seconds
         elif func == "evaluate_student":
             parts["evaluation"] += seconds
@@ -88,11 +95,13 @@ def main():
     if loop <= 0:
         raise common.UserError("the profile has no student training (was common.distill called?)")
     total = sum(v[2] for v in stats.stats.values())
-    print(f"\nprofile of {' '.join(sys.argv)}: {total:.1f} s profiled, student training loop {loop:.1f} s")
+    print(f"\nprofile of {' '.join(sys.argv)}: {total:.1f} s profiled, "
+          f"student training loop {loop:.1f} s")
     for name, seconds in parts.items():
         print(f"  {name:<34}{seconds:8.1f} s  {100 * seconds / loop:5.1f} %")
     model_share = parts["forward + loss (objective)"] + parts["backward"]
-    print(f"  {'forward, loss and backward':<34}{model_share:8.1f} s  {100 * model_share / loop:5.1f} %")
+    print(f"  {'forward, loss and backward':<34}{model_share:8.1f} s  "
+          f"{100 * model_share / loop:5.1f} %")
     for order in ("cumulative", "tottime"):
         print(f"\ntop {args.top} by {order}:")
         stats.sort_stats(order).print_stats(args.top)

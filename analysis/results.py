@@ -31,14 +31,18 @@ from harness import bookkeeping_args, per_loss_args  # noqa: E402
 
 CATEGORIES = ("similarity", "teacher", "student", "neither", "other")
 # The finer split: `other` cut into the four ways it arises (see category8).
-# The reference implementation's own numbers for the Dominoes exhaustive grid (random-noise patch, ResNet-18
-# teacher and student, about 20,000 iterations, no seeds): the student's accuracy, mean over the cells of
-# each category. It has no usable contrastive row (its contrastive numbers were snapshots at iteration 100).
+# The reference implementation's own numbers for the Dominoes exhaustive grid (random-noise patch,
+# ResNet-18 teacher and student, about 20,000 iterations, no seeds): the student's accuracy, mean
+# over the cells of each category. It has no usable contrastive row (its contrastive numbers were
+# snapshots at iteration 100).
 REFERENCE_DOMINOES_ACC = {
-    "kl": {"similarity": 0.911, "teacher": 0.163, "student": 0.314, "neither": 0.339, "other": 0.434},
-    "jacobian": {"similarity": 0.896, "teacher": 0.173, "student": 0.293, "neither": 0.326, "other": 0.392},
+    "kl": {"similarity": 0.911, "teacher": 0.163, "student": 0.314, "neither": 0.339,
+           "other": 0.434},
+    "jacobian": {"similarity": 0.896, "teacher": 0.173, "student": 0.293, "neither": 0.326,
+                 "other": 0.392},
 }
-CATEGORIES8 = ("similarity", "teacher", "teacher+shared", "student", "student+shared", "overlap", "unseen", "neither")
+CATEGORIES8 = ("similarity", "teacher", "teacher+shared", "student", "student+shared", "overlap",
+               "unseen", "neither")
 # Arguments that say where or how a run was executed, not what was trained: runs that differ only
 # in these (and the seed) are repeats of the same cell.
 BOOKKEEPING = bookkeeping_args()
@@ -48,7 +52,8 @@ BOOKKEEPING = bookkeeping_args()
 
 @dataclass
 class Run:
-    """One result JSON, flattened: metrics are {test set: {metric: value}}, nested keys joined by '.'."""
+    """One result JSON, flattened: metrics are {test set: {metric: value}}, nested keys joined by
+    '.'."""
     path: str
     experiment: str
     teacher: str
@@ -60,17 +65,21 @@ class Run:
     teacher_eval: dict
     curves: list = field(default_factory=list)  # [(step, {test set: {metric: value}})]
     method: str = ""
-    nonfinite: list = field(default_factory=list)  # metric keys whose value is null, NaN or infinite
+    # metric keys whose value is null, NaN or infinite
+    nonfinite: list = field(default_factory=list)
     exclusions: list = field(default_factory=list)  # the script's reasons to leave the run out
-    fit: dict = field(default_factory=dict)  # the student on held-out data of its own configuration: acc, agreement
-    grad_norms: list = field(default_factory=list)  # [(step, {loss term: norm of its weighted gradient})]
+    # the student on held-out data of its own configuration: acc, agreement
+    fit: dict = field(default_factory=dict)
+    # [(step, {loss term: norm of its weighted gradient})]
+    grad_norms: list = field(default_factory=list)
 
 
 class BadResult(ValueError):
     """A JSON file that is not (or no longer) a complete result of this project."""
 
 
-def _flatten(d: dict, prefix: str = "", bad: Optional[list] = None, where: str = "") -> dict[str, float]:
+def _flatten(d: dict, prefix: str = "", bad: Optional[list] = None,
+             where: str = "") -> dict[str, float]:
     """Numbers of a nested dict under dotted keys. Null and non-finite values (the scripts write
     non-finite numbers as null, older files as bare NaN) are left out and their keys, prefixed
     with `where`, go to `bad`: the caller decides what such a run is worth."""
@@ -87,7 +96,8 @@ def _flatten(d: dict, prefix: str = "", bad: Optional[list] = None, where: str =
 
 
 def _eval_block(block, what: str, bad: list) -> dict[str, dict[str, float]]:
-    if not isinstance(block, dict) or not block or not all(isinstance(m, dict) for m in block.values()):
+    if (not isinstance(block, dict) or not block
+            or not all(isinstance(m, dict) for m in block.values())):
         raise BadResult(f"{what} is missing or not {{test set: metrics}}")
     return {name: _flatten(m, bad=bad, where=f"{what}.{name}.") for name, m in block.items()}
 
@@ -99,7 +109,8 @@ def parse_result(data, path: str = "") -> Run:
     missing = [k for k in ("experiment", "args", "student", "teacher") if k not in data]
     if missing:
         older = " (written by an older version: rerun it)" if "config" in data else ""
-        raise BadResult(f"no {', '.join(missing)} key{older or ' (not a result of an exp_*.py script)'}")
+        raise BadResult(f"no {', '.join(missing)} key"
+                        f"{older or ' (not a result of an exp_*.py script)'}")
     config = data["args"]
     if not isinstance(config, dict) or not isinstance(data["experiment"], str):
         raise BadResult("'experiment' or 'args' has the wrong type")
@@ -121,10 +132,12 @@ def parse_result(data, path: str = "") -> Run:
         raise BadResult("student.eval holds no numbers")
     curves, grad_norms = [], []
     for point in student.get("curves") or []:
-        if isinstance(point, dict) and isinstance(point.get("step"), int) and isinstance(point.get("eval"), dict):
+        if (isinstance(point, dict) and isinstance(point.get("step"), int)
+                and isinstance(point.get("eval"), dict)):
             where = f"student.curves[step {point['step']}]."
-            curves.append((point["step"], {n: _flatten(m, bad=bad, where=f"{where}{n}.")
-                                           for n, m in point["eval"].items() if isinstance(m, dict)}))
+            curves.append((point["step"],
+                           {n: _flatten(m, bad=bad, where=f"{where}{n}.")
+                            for n, m in point["eval"].items() if isinstance(m, dict)}))
             terms = point.get("terms") if isinstance(point.get("terms"), dict) else {}
             norms = {name: t["grad_norm"] for name, t in terms.items()
                      if isinstance(t, dict) and isinstance(t.get("grad_norm"), (int, float))}
@@ -132,9 +145,10 @@ def parse_result(data, path: str = "") -> Run:
                 grad_norms.append((point["step"], norms))
     settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
     fit = _flatten(student["fit"]) if isinstance(student.get("fit"), dict) else {}
-    return Run(path, data["experiment"], str(config["teacher_config"]), str(config["student_config"]),
-               str(config["loss"]), config["seed"], settings, s_eval, t_eval, curves, nonfinite=bad, exclusions=exclusions,
-               fit=fit, grad_norms=grad_norms)
+    return Run(path, data["experiment"], str(config["teacher_config"]),
+               str(config["student_config"]), str(config["loss"]), config["seed"], settings,
+               s_eval, t_eval, curves, nonfinite=bad, exclusions=exclusions, fit=fit,
+               grad_norms=grad_norms)
 
 
 def skip_reason(run: Run) -> str:
@@ -150,7 +164,8 @@ def skip_reason(run: Run) -> str:
 
 
 def _assign_methods(runs: list[Run]) -> None:
-    """Method = loss, plus the settings that take several values within one (teacher, student, loss)."""
+    """Method = loss, plus the settings that take several values within one (teacher, student,
+    loss)."""
     by_cell: dict[tuple, list[Run]] = {}
     for r in runs:
         by_cell.setdefault((r.experiment, r.teacher, r.student, r.loss), []).append(r)
@@ -166,7 +181,8 @@ def _assign_methods(runs: list[Run]) -> None:
 
 def line_names(runs: list[Run], swept: str) -> dict[str, list[Run]]:
     """The runs of a sweep in `swept` grouped into lines: the loss plus the other settings that
-    vary among that loss's runs (a setting an older file does not record is left out of the name)."""
+    vary among that loss's runs (a setting an older file does not record is left out of the
+    name)."""
     varying: dict[str, list[str]] = {}
     for loss in {r.loss for r in runs}:
         same = [r for r in runs if r.loss == loss]
@@ -174,17 +190,24 @@ def line_names(runs: list[Run], swept: str) -> dict[str, list[Run]]:
         varying[loss] = [k for k in keys if len({json.dumps(r.settings.get(k)) for r in same}) > 1]
     lines: dict[str, list[Run]] = {}
     for r in runs:
-        extra = ", ".join(f"{k}={r.settings[k]}" for k in varying[r.loss] if r.settings.get(k) is not None)
+        extra = ", ".join(f"{k}={r.settings[k]}" for k in varying[r.loss]
+                          if r.settings.get(k) is not None)
         lines.setdefault(f"{r.loss} [{extra}]" if extra else r.loss, []).append(r)
     return lines
 
 
 def sweep_parser(doc: str) -> argparse.ArgumentParser:
-    """The command line of a tool that reads a sweep (grid.py --sweep): the folder and the setting."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("results", help="folder of result JSON files (searched recursively), e.g. a grid --sweep's")
-    parser.add_argument("--setting", required=True, help="the swept setting, as the JSON's config spells it (e.g. alpha)")
+    """The command line of a tool that reads a sweep (grid.py --sweep): the folder and the
+    setting."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     epilog=doc.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("results",
+                        help="folder of result JSON files (searched recursively), "
+                             "e.g. a grid --sweep's")
+    parser.add_argument("--setting", required=True,
+                        help="the swept setting, as the JSON's config spells it (e.g. alpha)")
     return parser
 
 
@@ -193,8 +216,8 @@ def load_sweep(folder: str, setting: str) -> list[Run]:
     of the answer); a UserError when none records `setting`."""
     runs = load_results(folder, keep_excluded=True)
     if not any(r.settings.get(setting) is not None for r in runs):
-        raise UserError(f"no run in {folder} records a setting '{setting}'; name a flag as the JSON's "
-                        f"args spell it, e.g. alpha")
+        raise UserError(f"no run in {folder} records a setting '{setting}'; name a flag as the "
+                        "JSON's args spell it, e.g. alpha")
     return runs
 
 
@@ -205,12 +228,13 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
     metric or a non-empty `exclusions` list are skipped whole, one warning line each plus a line
     that counts them (`keep_excluded` keeps the excluded ones). No usable run is a UserError."""
     if not os.path.isdir(folder):
-        raise UserError(f"results folder {folder} does not exist; pass the folder the experiments wrote to")
+        raise UserError(f"results folder {folder} does not exist; "
+                        "pass the folder the experiments wrote to")
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
                    if f.endswith(".json") and not f.startswith("."))
     if not paths:
-        raise UserError(f"no result JSON files in {folder}; run an exp_*.py script with --out {folder}/NAME.json "
-                        f"or analysis/grid.py --results {folder} first")
+        raise UserError(f"no result JSON files in {folder}; run an exp_*.py script with "
+                        f"--out {folder}/NAME.json or analysis/grid.py --results {folder} first")
     runs, skipped, suspect, seen = [], [], [], {}
     for path in paths:
         try:
@@ -245,15 +269,19 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
         warn("\n".join(lines))
     if suspect:
         for r in suspect:
-            warn(f"warning: skipped run {r.path}: {' '.join(skip_reason(r).split())}")  # one line each
-        nonfinite, excluded = sum(bool(r.nonfinite) for r in suspect), sum(bool(r.exclusions) for r in suspect)
-        warn(f"warning: skipped {len(suspect)} of {len(runs) + len(suspect)} runs: {nonfinite} with null or "
-             f"non-finite metrics, {excluded} excluded (each run is left out whole, so no mean mixes it in)")
+            # one line each
+            warn(f"warning: skipped run {r.path}: {' '.join(skip_reason(r).split())}")
+        nonfinite, excluded = (sum(bool(r.nonfinite) for r in suspect),
+                               sum(bool(r.exclusions) for r in suspect))
+        warn(f"warning: skipped {len(suspect)} of {len(runs) + len(suspect)} runs: "
+             f"{nonfinite} with null or non-finite metrics, {excluded} excluded "
+             "(each run is left out whole, so no mean mixes it in)")
     if not unique:
         if suspect:
-            raise UserError(f"every run in {folder} was skipped (see the warnings above); nothing to summarise")
-        raise UserError(f"none of the {len(paths)} JSON files in {folder} is a result of this project "
-                        f"(see the warning above)")
+            raise UserError(f"every run in {folder} was skipped (see the warnings above); "
+                            "nothing to summarise")
+        raise UserError(f"none of the {len(paths)} JSON files in {folder} is a result of this "
+                        "project (see the warning above)")
     return unique
 
 
@@ -272,27 +300,31 @@ def confounders(runs: Iterable[Run]) -> dict[str, list]:
     return {k: sorted(json.loads(x) for x in v) for k, v in values.items() if len(v) > 1}
 
 
-def warn_confounders(runs: list[Run], warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+def warn_confounders(runs: list[Run],
+                     warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
     """One warning per experiment whose runs differ in a setting that is not the loss's own."""
     for exp in experiments(runs):
         exp_runs = select(runs, experiment=exp)
         parts = []
         for key, vals in confounders(exp_runs).items():
-            who = [f"{v} ({', '.join(methods([r for r in exp_runs if r.settings.get(key) == v]))})" for v in vals]
+            who = [f"{v} ({', '.join(methods([r for r in exp_runs if r.settings.get(key) == v]))})"
+                   for v in vals]
             parts.append(f"{key} = {' vs '.join(who)}")
         if parts:
-            warn(f"warning: the {exp} runs differ in more than teacher, student, loss and seed: {'; '.join(parts)}. "
-                 f"Figures that compare them mix these settings; delete the odd JSON files and rerun the grid")
+            warn(f"warning: the {exp} runs differ in more than teacher, student, loss and seed: "
+                 f"{'; '.join(parts)}. Figures that compare them mix these settings; "
+                 "delete the odd JSON files and rerun the grid")
 
 
-# ----------------------------------------------------------------------------- structure of a set of runs
+# ----------------------------------------------------------------------- structure of a set of runs
 
 def experiments(runs: Iterable[Run]) -> list[str]:
     return sorted({r.experiment for r in runs})
 
 
 
-def load_for_cli(folder: str, experiment: Optional[str], keep_excluded: bool = False) -> tuple[list[Run], list[str]]:
+def load_for_cli(folder: str, experiment: Optional[str],
+                 keep_excluded: bool = False) -> tuple[list[Run], list[str]]:
     """What the command-line tools start from: the runs of a folder (with warnings about
     confounded settings) and the experiments to draw, limited to `experiment` when given."""
     runs = load_results(folder, keep_excluded=keep_excluded)
@@ -300,7 +332,8 @@ def load_for_cli(folder: str, experiment: Optional[str], keep_excluded: bool = F
     exps = experiments(runs)
     if experiment:
         if experiment not in exps:
-            raise UserError(f"no results of experiment '{experiment}' in {folder}; it has {', '.join(exps)}")
+            raise UserError(f"no results of experiment '{experiment}' in {folder}; "
+                            f"it has {', '.join(exps)}")
         exps = [experiment]
     return runs, exps
 
@@ -314,7 +347,8 @@ def only_sets(runs: list[Run], sets: Optional[list[str]]) -> list[Run]:
     present = test_sets(runs)
     unknown = [s for s in sets if s not in present]
     if unknown:
-        raise UserError(f"no test set {', '.join(unknown)} in these results; they have {', '.join(present)}")
+        raise UserError(f"no test set {', '.join(unknown)} in these results; "
+                        f"they have {', '.join(present)}")
     def keep(per_set: dict) -> dict:
         return {k: v for k, v in per_set.items() if k in sets}
     return [replace(r, student_eval=keep(r.student_eval), teacher_eval=keep(r.teacher_eval),
@@ -322,12 +356,14 @@ def only_sets(runs: list[Run], sets: Optional[list[str]]) -> list[Run]:
 
 
 def select(runs: Iterable[Run], **where) -> list[Run]:
-    """Runs whose attributes equal the given values, e.g. select(runs, experiment='x', method='kl')."""
+    """Runs whose attributes equal the given values, e.g. select(runs, experiment='x',
+    method='kl')."""
     return [r for r in runs if all(getattr(r, k) == v for k, v in where.items())]
 
 
 def methods(runs: Iterable[Run]) -> list[str]:
-    """Methods in the conventional order ce, kl, jacobian, contrastive (variants after their loss)."""
+    """Methods in the conventional order ce, kl, jacobian, contrastive (variants after their
+    loss)."""
     found = {(r.loss, r.method) for r in runs}
     rank = {loss: i for i, loss in enumerate(LOSSES)}
     return [m for _, m in sorted(found, key=lambda lm: (rank.get(lm[0], len(rank)), lm[1]))]
@@ -401,8 +437,9 @@ def config_order(names: Iterable[str], letters: str) -> list[str]:
 # ----------------------------------------------------------------------------- categories
 
 def category(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
-    """Category of a (teacher, student, test set) cell (defined in docs/grid_and_figures.md), from the label-carrying mechanisms
-    T, S, K of the three configurations (randomised mechanisms do not count):
+    """Category of a (teacher, student, test set) cell (defined in docs/grid_and_figures.md), from
+    the label-carrying mechanisms T, S, K of the three configurations (randomised mechanisms do not
+    count):
 
       similarity  K is inside both S and T
       teacher     K is inside T, shares nothing with S, and S and T share a mechanism
@@ -450,8 +487,8 @@ def category8(teacher: str, student: str, test_set: str, letters: str) -> Option
 
 @dataclass
 class Stat:
-    """Mean, sample standard deviation (ddof=1) and 95 % Student-t confidence interval over n values.
-    With n = 1 the spread is unknown: std, lo and hi are NaN."""
+    """Mean, sample standard deviation (ddof=1) and 95 % Student-t confidence interval over n
+    values. With n = 1 the spread is unknown: std, lo and hi are NaN."""
     mean: float
     std: float
     lo: float
@@ -531,12 +568,14 @@ def aggregate(runs: list[Run], metric: str) -> list[dict]:
                         if st.n == 0:
                             continue
                         per_seed = {r.seed: value(r, test, metric) for r in cell}
-                        rows.append({"experiment": exp, "method": method, "teacher": teacher, "student": student,
-                                     "test_set": test, "category": category(teacher, student, test, letters),
-                                     "category8": category8(teacher, student, test, letters),
-                                     "metric": metric, "mean": st.mean, "std": st.std, "ci_lo": st.lo,
-                                     "ci_hi": st.hi, "n": st.n, "seeds": sorted(r.seed for r in cell),
-                                     "per_seed": {k: v for k, v in per_seed.items() if v is not None}})
+                        rows.append({
+                            "experiment": exp, "method": method, "teacher": teacher,
+                            "student": student, "test_set": test,
+                            "category": category(teacher, student, test, letters),
+                            "category8": category8(teacher, student, test, letters),
+                            "metric": metric, "mean": st.mean, "std": st.std, "ci_lo": st.lo,
+                            "ci_hi": st.hi, "n": st.n, "seeds": sorted(r.seed for r in cell),
+                            "per_seed": {k: v for k, v in per_seed.items() if v is not None}})
     return rows
 
 
@@ -555,10 +594,13 @@ def category_summary(rows: list[dict], key: str = "category") -> list[dict]:
                 if not cells:
                     continue
                 seeds = sorted({s for r in cells for s in r.get("per_seed", {})})
-                by_seed = summarize(float(np.mean([r["per_seed"][s] for r in cells if s in r.get("per_seed", {})]))
+                by_seed = summarize(float(np.mean([r["per_seed"][s] for r in cells
+                                                   if s in r.get("per_seed", {})]))
                                     for s in seeds)
                 st = summarize(r["mean"] for r in cells)
-                out.append({"experiment": exp, "method": method, "category": cat, "metric": exp_rows[0]["metric"],
-                            "mean": st.mean, "std": by_seed.std, "ci_lo": st.mean - by_seed.half_width,
-                            "ci_hi": st.mean + by_seed.half_width, "cells": st.n, "seeds": len(seeds)})
+                out.append({"experiment": exp, "method": method, "category": cat,
+                            "metric": exp_rows[0]["metric"], "mean": st.mean, "std": by_seed.std,
+                            "ci_lo": st.mean - by_seed.half_width,
+                            "ci_hi": st.mean + by_seed.half_width, "cells": st.n,
+                            "seeds": len(seeds)})
     return out

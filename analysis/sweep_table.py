@@ -1,7 +1,9 @@
 """Print a sweep (analysis/grid.py --sweep) as one Markdown table: a row per loss and value.
 
-    python analysis/sweep_table.py results/sweep_cm --setting alpha --columns agreement:I+rA kl:I+rA agreement:IA
-    python analysis/sweep_table.py results/sweep_wb --setting alpha --columns worst_group_acc:I+rA agreement:minority
+    python analysis/sweep_table.py results/sweep_cm --setting alpha \\
+        --columns agreement:I+rA kl:I+rA agreement:IA
+    python analysis/sweep_table.py results/sweep_wb --setting alpha \\
+        --columns worst_group_acc:I+rA agreement:minority
 
 Each row is one line of the dose-response figure at one value of the setting (plain KL, which has
 no weight, is the reference row): the mean ± 95 % CI half-width over seeds (Student-t) of each
@@ -29,7 +31,8 @@ from analysis import results as R  # noqa: E402
 
 parser = R.sweep_parser(__doc__)
 parser.add_argument("--columns", nargs="+", required=True, metavar="METRIC:SET",
-                    help="metric and test set of each column, e.g. agreement:I+rA kl:I+rA worst_group_acc:I+rA")
+                    help="metric and test set of each column, e.g. agreement:I+rA kl:I+rA "
+                         "worst_group_acc:I+rA")
 
 
 def gradient_ratios(run: R.Run) -> list[float]:
@@ -46,7 +49,8 @@ def fmt(stat: R.Stat) -> str:
     digits = 1 if abs(stat.mean) >= 10 else 3
     if math.isnan(stat.mean):
         return ""
-    return f"{stat.mean:.{digits}f}" + ("" if math.isnan(stat.half_width) else f" ± {stat.half_width:.{digits}f}")
+    return f"{stat.mean:.{digits}f}" + ("" if math.isnan(stat.half_width)
+                                        else f" ± {stat.half_width:.{digits}f}")
 
 
 def row(line: str, value, runs: list[R.Run], columns: list[tuple[str, str]]) -> list[str]:
@@ -56,12 +60,16 @@ def row(line: str, value, runs: list[R.Run], columns: list[tuple[str, str]]) -> 
     excluded = sum(bool(r.exclusions) for r in runs)
     fit = R.summarize(r.fit.get("acc") for r in runs)
     cells = [fmt(R.cell_stat(runs, test_set, metric)) for metric, test_set in columns]
-    return [line, "" if value is None else f"{value:g}" if isinstance(value, (int, float)) else str(value),
-            str(len(runs)), *cells, f"{fit.mean:.3f}" + (f" ({excluded} excluded)" if excluded else ""),
-            f"{statistics.mean(first):.3g}" if first else "", f"{statistics.median(every):.3g}" if every else ""]
+    return [line, "" if value is None else f"{value:g}" if isinstance(value, (int, float))
+                  else str(value),
+            str(len(runs)), *cells,
+            f"{fit.mean:.3f}" + (f" ({excluded} excluded)" if excluded else ""),
+            f"{statistics.mean(first):.3g}" if first else "",
+            f"{statistics.median(every):.3g}" if every else ""]
 
 
-def tables(runs: list[R.Run], setting: str, columns: list[tuple[str, str]]) -> dict[tuple, list[list[str]]]:
+def tables(runs: list[R.Run], setting: str,
+           columns: list[tuple[str, str]]) -> dict[tuple, list[list[str]]]:
     """{(experiment, teacher, student): rows}: first the runs without a value of `setting` (plain
     KL, ce), then each line of the sweep value by value."""
     out = {}
@@ -69,12 +77,14 @@ def tables(runs: list[R.Run], setting: str, columns: list[tuple[str, str]]) -> d
         group = [r for r in runs if (r.experiment, r.teacher, r.student) == key]
         swept = [r for r in group if r.settings.get(setting) is not None]
         reference = [r for r in group if r.settings.get(setting) is None]
-        rows = [row(name, None, line_runs, columns) for name, line_runs in R.line_names(reference, setting).items()]
+        rows = [row(name, None, line_runs, columns)
+                for name, line_runs in R.line_names(reference, setting).items()]
         for name, line_runs in sorted(R.line_names(swept, setting).items()):
             by_value: dict[str, list[R.Run]] = {}
             for r in line_runs:
                 by_value.setdefault(json.dumps(r.settings[setting]), []).append(r)
-            rows += [row(name, json.loads(v), by_value[v], columns) for v in sorted(by_value, key=json.loads)]
+            rows += [row(name, json.loads(v), by_value[v], columns)
+                     for v in sorted(by_value, key=json.loads)]
         out[key] = rows
     return out
 
@@ -90,8 +100,9 @@ def main() -> None:
     runs = R.load_sweep(args.results, args.setting)
     for metric, test_set in columns:
         if all(R.value(r, test_set, metric) is None for r in runs):
-            raise UserError(f"no run in {args.results} has {metric} on {test_set}; test sets: "
-                            f"{', '.join(R.test_sets(runs))}; metrics: {', '.join(R.metrics(runs))}")
+            raise UserError(f"no run in {args.results} has {metric} on {test_set}; "
+                            f"test sets: {', '.join(R.test_sets(runs))}; "
+                            f"metrics: {', '.join(R.metrics(runs))}")
     header = ["loss", args.setting, "n", *[f"{m} `{s}`" for m, s in columns], "held-out fit",
               "KL/other grad, first eval", "median"]
     for (experiment, teacher, student), rows in tables(runs, args.setting, columns).items():

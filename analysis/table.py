@@ -1,9 +1,10 @@
 """Print the numbers behind the figures as a Markdown, plain-text or CSV table.
 
-    python analysis/table.py results/grid --metric acc                  # every cell, one column per loss
-    python analysis/table.py results/grid --metric acc --by category    # the paper's category summary
-    python analysis/table.py results/grid --metric acc --by category8   # its finer 8-way split
-    python analysis/table.py results/dominoes --metric acc --by category --reference   # beside the reference's numbers
+    python analysis/table.py results/grid --metric acc  # every cell, one column per loss
+    python analysis/table.py results/grid --metric acc --by category  # the paper's category summary
+    python analysis/table.py results/grid --metric acc --by category8  # its finer 8-way split
+    python analysis/table.py results/dominoes --metric acc --by category \\
+        --reference  # beside the reference's numbers
 
 Per cell: mean ± std over seeds. Per category: the mean over the category's cells, ± the std over
 seeds of each seed's mean over those cells. The 95 % Student-t confidence interval is in brackets
@@ -46,7 +47,8 @@ def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     fmt_row = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]), *map(fmt_row, rows)]) + "\n"
+    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths]),
+                      *map(fmt_row, rows)]) + "\n"
 
 
 def cell_table(rows: list[dict], methods: list[str], fmt: str, ci: bool) -> str:
@@ -75,7 +77,8 @@ def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key
     method of `reference` ({method: {category: value}}) when given."""
     summary = R.category_summary([r for r in rows if r[key]], key)
     if not summary:
-        raise UserError("no cell has a category: the test sets are not named as configurations (e.g. I, IA, I+rA)")
+        raise UserError("no cell has a category: the test sets are not named as configurations "
+                        "(e.g. I, IA, I+rA)")
     by = {(s["category"], s["method"]): s for s in summary}
     reference = reference or {}
     header = ["category", *methods, *[f"reference {m}" for m in reference], "cells"]
@@ -84,47 +87,55 @@ def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key
         cells = [by.get((cat, m)) for m in methods]
         if not any(cells):
             continue
-        vals = [(f"{c['mean']:.6g}" if fmt == "csv" else entry(c, ci=ci)) if c else "-" for c in cells]
+        vals = [(f"{c['mean']:.6g}" if fmt == "csv" else entry(c, ci=ci)) if c else "-"
+                for c in cells]
         refs = [f"{ref[cat]:.3f}" if cat in ref else "-" for ref in reference.values()]
         lines.append([cat, *vals, *refs, str(max(c["cells"] for c in cells if c))])
     return render(header, lines, fmt)
 
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
 parser.add_argument("results", help="folder of result JSON files (searched recursively)")
-parser.add_argument("--metric", default="acc", help="acc, kl, agreement, worst_group_acc, teacher_acc, ... (default acc)")
+parser.add_argument("--metric", default="acc",
+                    help="acc, kl, agreement, worst_group_acc, teacher_acc, ... (default acc)")
 parser.add_argument("--by", choices=("cell", "category", "category8"), default="cell",
-                    help="rows per cell, per category (5-way) or per category of the finer 8-way split (default cell)")
+                    help="rows per cell, per category (5-way) or per category of the finer 8-way "
+                         "split (default cell)")
 parser.add_argument("--reference", action="store_true",
-                    help="with --metric acc --by category: add the reference implementation's own numbers for the "
-                         "Dominoes exhaustive grid (random patch) beside ours")
-parser.add_argument("--format", choices=("md", "text", "csv"), default="md", help="output format (default md)")
+                    help="with --metric acc --by category: add the reference implementation's own "
+                         "numbers for the Dominoes exhaustive grid (random patch) beside ours")
+parser.add_argument("--format", choices=("md", "text", "csv"), default="md",
+                    help="output format (default md)")
 parser.add_argument("--no-ci", action="store_true", help="leave the confidence intervals out")
-parser.add_argument("--experiment", default=None, help="only this experiment (default: every one, one table each)")
+parser.add_argument("--experiment", default=None,
+                    help="only this experiment (default: every one, one table each)")
 parser.add_argument("--sets", nargs="+", default=None,
-                    help="only these test sets, e.g. the seven configurations I A B IA IB AB IAB of the Dominoes grid "
-                         "(default: all; a randomised set such as I+rA counts in the categories as the mechanisms "
-                         "that carry its label)")
+                    help="only these test sets, e.g. the seven configurations I A B IA IB AB IAB "
+                         "of the Dominoes grid (default: all; a randomised set such as I+rA counts "
+                         "in the categories as the mechanisms that carry its label)")
 parser.add_argument("--keep-excluded", action="store_true",
-                    help="count runs the scripts excluded (e.g. a student below --student-min-fit) instead of leaving "
-                         "them out")
+                    help="count runs the scripts excluded (e.g. a student below --student-min-fit) "
+                         "instead of leaving them out")
 
 
 def main() -> None:
     args = parser.parse_args()
     if args.reference and (args.metric != "acc" or args.by != "category"):
-        raise UserError("--reference compares the student's accuracy per 5-way category: use it with --metric acc "
-                        "--by category")
+        raise UserError("--reference compares the student's accuracy per 5-way category: use it "
+                        "with --metric acc --by category")
     runs, exps = R.load_for_cli(args.results, args.experiment, keep_excluded=args.keep_excluded)
     for exp in exps:
         exp_runs = R.only_sets(R.select(runs, experiment=exp), args.sets)
         if args.metric not in R.metrics(exp_runs):
-            raise UserError(f"{exp} has no metric '{args.metric}'; it has {', '.join(R.metrics(exp_runs))}")
+            raise UserError(f"{exp} has no metric '{args.metric}'; it has "
+                            f"{', '.join(R.metrics(exp_runs))}")
         rows = R.aggregate(exp_runs, args.metric)
         methods = R.methods(exp_runs)
         if args.format != "csv":
-            what = "mean over cells, ± std over seeds" if args.by != "cell" else "mean over seeds, ± std"
+            what = ("mean over cells, ± std over seeds" if args.by != "cell"
+                    else "mean over seeds, ± std")
             print(f"{'### ' if args.format == 'md' else ''}{exp}: {args.metric} ({what}"
                   f"{'' if args.no_ci else ', [95% CI]'})\n")
         if args.by == "cell":

@@ -1,4 +1,5 @@
-"""analysis/: statistics, categories, loading bad folders, the grid runner (resume, locks, SLURM) and figures."""
+"""analysis/: statistics, categories, loading bad folders, the grid runner (resume, locks, SLURM)
+and figures."""
 import fcntl
 import json
 import math
@@ -17,25 +18,28 @@ from analysis import results as R
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def result(experiment="toy", teacher="IA", student="IA", loss="kl", seed=0, evals=None, groups=False, curves=True,
-           **config):
+def result(experiment="toy", teacher="IA", student="IA", loss="kl", seed=0, evals=None,
+           groups=False, curves=True, **config):
     """A result JSON as the exp_*.py scripts write it, with chosen numbers."""
     evals = evals or {"I": 0.5, "A": 0.5}
     student_eval, teacher_eval = {}, {}
     for name, acc in evals.items():
         m = {"acc": acc, "kl": 1 - acc, "agreement": acc}
         if groups:
-            m.update({"groups": {"0": acc, "1": acc / 2}, "avg_acc": 0.75 * acc, "worst_group_acc": acc / 2,
-                      "group_agreement": {"0": 1.0, "1": 0.5}})
+            m.update({"groups": {"0": acc, "1": acc / 2}, "avg_acc": 0.75 * acc,
+                      "worst_group_acc": acc / 2, "group_agreement": {"0": 1.0, "1": 0.5}})
         student_eval[name] = m
         teacher_eval[name] = {"acc": 0.9}
-    cfg = {"teacher_config": teacher, "student_config": student, "loss": loss, "seed": seed, "alpha": 0.5,
-           "temperature": 4.0, "steps": 10, "out": f"/somewhere/{seed}.json", "cache_dir": "c", **config}
-    pts = [{"step": s, "loss": 0.1, "eval": {n: {"acc": a * s / 10, "kl": 1.0, "agreement": a} for n, a in evals.items()}}
+    cfg = {"teacher_config": teacher, "student_config": student, "loss": loss, "seed": seed,
+           "alpha": 0.5, "temperature": 4.0, "steps": 10, "out": f"/somewhere/{seed}.json",
+           "cache_dir": "c", **config}
+    pts = [{"step": s, "loss": 0.1,
+            "eval": {n: {"acc": a * s / 10, "kl": 1.0, "agreement": a} for n, a in evals.items()}}
            for s in (5, 10)] if curves else []
-    return {"experiment": experiment, "args": cfg, "env": {}, "teacher": {"cached": True, "eval": teacher_eval},
-            "student": {"eval": student_eval, "curves": pts}, "exclusions": [], "test_sizes": {n: 10 for n in evals},
-            "timing": {}}
+    return {"experiment": experiment, "args": cfg, "env": {},
+            "teacher": {"cached": True, "eval": teacher_eval},
+            "student": {"eval": student_eval, "curves": pts}, "exclusions": [],
+            "test_sizes": {n: 10 for n in evals}, "timing": {}}
 
 
 def write(folder, name, data):
@@ -53,7 +57,8 @@ def run_script(script, *args, **kw):
 
 @pytest.fixture
 def cli(capsys, monkeypatch):
-    """Run figures.py or table.py in this process (as run_cli would): (returncode, stdout, stderr)."""
+    """Run figures.py or table.py in this process (as run_cli would):
+    (returncode, stdout, stderr)."""
     def run(script, *args):
         module = {"figures.py": figures, "table.py": table}[script]
         monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
@@ -75,12 +80,14 @@ def test_summarize_mean_std_ci_by_hand():
     half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, df=2) from a t table
     assert (st.lo, st.hi) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
     two = R.summarize([0.6, 0.8])
-    assert two.std == pytest.approx(math.sqrt(0.02)) and two.half_width == pytest.approx(12.706204736 * 0.1)
+    assert (two.std == pytest.approx(math.sqrt(0.02))
+            and two.half_width == pytest.approx(12.706204736 * 0.1))
 
 
 def test_summarize_single_and_empty_give_no_spread():
     one = R.summarize([0.7])
-    assert one.n == 1 and one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.lo) and math.isnan(one.hi)
+    assert (one.n == 1 and one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.lo)
+            and math.isnan(one.hi))
     none = R.summarize([])
     assert none.n == 0 and math.isnan(none.mean)
 
@@ -88,7 +95,8 @@ def test_summarize_single_and_empty_give_no_spread():
 def test_aggregate_groups_seeds_and_separates_cells(tmp_path):
     for seed, acc in ((0, 0.6), (1, 0.8)):
         write(tmp_path, f"kl{seed}.json", result(seed=seed, evals={"I": acc, "A": 0.1}))
-        write(tmp_path, f"jac{seed}.json", result(loss="jacobian", seed=seed, evals={"I": acc + 0.1, "A": 0.2}))
+        write(tmp_path, f"jac{seed}.json",
+              result(loss="jacobian", seed=seed, evals={"I": acc + 0.1, "A": 0.2}))
     write(tmp_path, "other.json", result(teacher="I", seed=0, evals={"I": 0.3, "A": 0.3}))
     runs = R.load_results(str(tmp_path))
     rows = {(r["method"], r["teacher"], r["test_set"]): r for r in R.aggregate(runs, "acc")}
@@ -97,17 +105,20 @@ def test_aggregate_groups_seeds_and_separates_cells(tmp_path):
     assert kl["mean"] == pytest.approx(0.7) and kl["std"] == pytest.approx(math.sqrt(0.02))
     assert rows[("jacobian", "IA", "I")]["mean"] == pytest.approx(0.8)
     assert rows[("kl", "I", "I")]["n"] == 1 and math.isnan(rows[("kl", "I", "I")]["std"])
-    diff = R.paired_difference(R.select(runs, method="jacobian", teacher="IA"), R.select(runs, method="kl", teacher="IA"),
-                               "A", "acc")
-    assert diff.mean == pytest.approx(0.1) and diff.std == pytest.approx(0.0, abs=1e-12) and diff.n == 2
+    diff = R.paired_difference(R.select(runs, method="jacobian", teacher="IA"),
+                               R.select(runs, method="kl", teacher="IA"), "A", "acc")
+    assert (diff.mean == pytest.approx(0.1) and diff.std == pytest.approx(0.0, abs=1e-12)
+            and diff.n == 2)
 
 
 def test_variants_of_one_loss_become_separate_methods(tmp_path):
     write(tmp_path, "a.json", result(temperature=1.0))
     write(tmp_path, "b.json", result(temperature=4.0))
-    write(tmp_path, "c.json", result(loss="jacobian", alpha=0.2))  # alone in its cell: no variant label
+    # alone in its cell: no variant label
+    write(tmp_path, "c.json", result(loss="jacobian", alpha=0.2))
     runs = R.load_results(str(tmp_path))
-    assert R.methods(runs) == ["kl [temperature=1.0]", "kl [temperature=4.0]", "jacobian [temperature=4.0]"]
+    assert R.methods(runs) == ["kl [temperature=1.0]", "kl [temperature=4.0]",
+                               "jacobian [temperature=4.0]"]
 
 
 def test_curve_stats_over_seeds(tmp_path):
@@ -130,7 +141,8 @@ def test_curve_stats_over_seeds(tmp_path):
     ("IA", "I", "IA", "IA", "other"),           # K partly in both, partly only in T
     ("IA", "IA", "I+rA", "IA", "similarity"),   # randomised A carries no label: K = {I}
     ("IA", "I", "rI+A", "IA", "teacher"),       # K = {A}
-    ("I+rA", "IA", "A", "IA", "student"),       # the teacher's random colour is not a mechanism of T
+    ("I+rA", "IA", "A", "IA", "student"),       # the teacher's random colour is not
+                                                # a mechanism of T
     ("I+rA", "IA", "I", "IA", "similarity"),
     ("IA", "IB", "A", "IAB", "teacher"),
     ("IA", "IB", "B", "IAB", "student"),
@@ -164,7 +176,8 @@ def test_category_spread_is_over_seeds_not_cells(tmp_path):
     grid_results(tmp_path)
     rows = R.aggregate(R.load_results(str(tmp_path)), "acc")
     kl = {s["category"]: s for s in R.category_summary(rows) if s["method"] == "kl"}
-    # teacher cells (T = IA, S = I, K = A): accuracy/2, 0.25 with seed 0 and 0.30 with seed 1, in each cell
+    # teacher cells (T = IA, S = I, K = A): accuracy/2, 0.25 with seed 0 and 0.30 with seed 1,
+    # in each cell
     half = 12.706204736 * math.sqrt(0.00125) / math.sqrt(2)
     assert kl["teacher"]["mean"] == pytest.approx(0.275) and kl["teacher"]["seeds"] == 2
     assert kl["teacher"]["ci_hi"] - kl["teacher"]["mean"] == pytest.approx(half, rel=1e-6)
@@ -173,10 +186,12 @@ def test_category_spread_is_over_seeds_not_cells(tmp_path):
 
 
 def test_mechanism_letters_and_config_order(tmp_path):
-    write(tmp_path, "a.json", result(teacher="I+rA", student="IA", evals={"I": 0.5, "rI+A": 0.5, "minority": 0.1}))
+    write(tmp_path, "a.json",
+          result(teacher="I+rA", student="IA", evals={"I": 0.5, "rI+A": 0.5, "minority": 0.1}))
     runs = R.load_results(str(tmp_path))
     assert R.mechanism_letters(runs) == "IA"
-    assert R.config_order(["IA", "minority", "A", "I+rA", "I"], "IA") == ["I", "I+rA", "A", "IA", "minority"]
+    assert (R.config_order(["IA", "minority", "A", "I+rA", "I"], "IA")
+            == ["I", "I+rA", "A", "IA", "minority"])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -200,7 +215,8 @@ def test_foreign_and_truncated_files_are_skipped_and_counted(tmp_path):
     runs = R.load_results(str(tmp_path), warn=warnings.append)
     assert len(runs) == 1
     assert len(warnings) == 1 and "skipped 5 of 6" in warnings[0]
-    assert "truncated.json: not valid JSON" in warnings[0] and "foreign.json: no experiment" in warnings[0]
+    assert ("truncated.json: not valid JSON" in warnings[0]
+            and "foreign.json: no experiment" in warnings[0])
 
 
 def test_only_foreign_files_is_a_user_error(tmp_path):
@@ -210,7 +226,8 @@ def test_only_foreign_files_is_a_user_error(tmp_path):
 
 
 def spoil(data, where):
-    """`data` with one number made null / NaN / infinite, or with a flag, as a diverged or suspect run writes it."""
+    """`data` with one number made null / NaN / infinite, or with a flag, as a diverged or suspect
+    run writes it."""
     if where == "student null":
         data["student"]["eval"]["I"]["acc"] = None
     elif where == "student NaN (older file)":
@@ -226,11 +243,12 @@ def spoil(data, where):
     return data
 
 
-@pytest.mark.parametrize("where", ["student null", "student NaN (older file)", "teacher Infinity", "curve null",
-                                   "group null", "excluded"])
+@pytest.mark.parametrize("where", ["student null", "student NaN (older file)", "teacher Infinity",
+                                   "curve null", "group null", "excluded"])
 def test_a_run_with_a_nonfinite_metric_or_an_exclusion_is_skipped_whole(tmp_path, where):
     write(tmp_path, "s0.json", result(seed=0, evals={"I": 0.6, "A": 0.2}, groups=True))
-    write(tmp_path, "s1.json", spoil(result(seed=1, evals={"I": 0.8, "A": 0.4}, groups=True), where))
+    write(tmp_path, "s1.json",
+          spoil(result(seed=1, evals={"I": 0.8, "A": 0.4}, groups=True), where))
     write(tmp_path, "s2.json", result(seed=2, evals={"I": 0.7, "A": 0.3}, groups=True))
     warnings = []
     runs = R.load_results(str(tmp_path), warn=warnings.append)
@@ -242,9 +260,11 @@ def test_a_run_with_a_nonfinite_metric_or_an_exclusion_is_skipped_whole(tmp_path
     assert R.curve_stats(runs, "I", "kl")[1][0].n == 2
     assert len(warnings) == 2 and all("\n" not in w for w in warnings)
     assert warnings[0].startswith(f"warning: skipped run {tmp_path / 's1.json'}: ")
-    reason = {"student null": "student.eval.I.acc", "student NaN (older file)": "student.eval.I.acc",
+    reason = {"student null": "student.eval.I.acc",
+              "student NaN (older file)": "student.eval.I.acc",
               "teacher Infinity": "teacher.eval.A.acc", "curve null": "student.curves[step 5].I.kl",
-              "group null": "student.eval.A.groups.1", "excluded": "excluded: student did not fit"}[where]
+              "group null": "student.eval.A.groups.1",
+              "excluded": "excluded: student did not fit"}[where]
     assert reason in warnings[0]
     assert warnings[1].startswith("warning: skipped 1 of 3 runs: ")
 
@@ -257,9 +277,10 @@ def test_cli_reports_skipped_runs_on_stderr_and_all_skipped_is_an_error(tmp_path
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1].split(",")[-1] == "0.4"  # run a alone: kl = 1 - 0.6
     lines = r.stderr.splitlines()
-    assert len(lines) == 3 and "b.json: excluded" in lines[0] and "c.json: null or non-finite" in lines[1]
-    assert lines[2] == ("warning: skipped 2 of 3 runs: 1 with null or non-finite metrics, 1 excluded "
-                        "(each run is left out whole, so no mean mixes it in)")
+    assert (len(lines) == 3 and "b.json: excluded" in lines[0]
+            and "c.json: null or non-finite" in lines[1])
+    assert lines[2] == ("warning: skipped 2 of 3 runs: 1 with null or non-finite metrics, "
+                        "1 excluded (each run is left out whole, so no mean mixes it in)")
     os.remove(tmp_path / "a.json")
     r = cli("figures.py", tmp_path, "--out", tmp_path / "f")
     assert r.returncode == 2 and "error: every run in" in r.stderr and "Traceback" not in r.stderr
@@ -268,12 +289,14 @@ def test_cli_reports_skipped_runs_on_stderr_and_all_skipped_is_an_error(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["figures.py", "table.py"])
 def test_cli_bad_folders_give_one_line_no_traceback(tmp_path, script, cli):
-    empty = run_script(script, tmp_path, *(["--out", tmp_path / "f"] if script == "figures.py" else []))
+    empty = run_script(script, tmp_path,
+                       *(["--out", tmp_path / "f"] if script == "figures.py" else []))
     assert empty.returncode == 2 and empty.stderr.startswith("error: no result JSON files")
     assert "Traceback" not in empty.stderr
     write(tmp_path, "x.json", "{broken")
     broken = cli(script, tmp_path)
-    assert broken.returncode == 2 and "skipped 1 of 1" in broken.stderr and "Traceback" not in broken.stderr
+    assert (broken.returncode == 2 and "skipped 1 of 1" in broken.stderr
+            and "Traceback" not in broken.stderr)
     assert not (tmp_path / "f").exists() or not os.listdir(tmp_path / "f")  # no blank figures
 
 
@@ -294,7 +317,8 @@ def grid_results(folder, experiment="toy", groups=False, seeds=(0, 1)):
                 for seed in seeds:
                     acc = 0.5 + 0.1 * seed + (0.1 if loss == "jacobian" else 0)
                     write(folder, f"{experiment}_{t}_{s}_{loss}_{seed}.json",
-                          result(experiment, t, s, loss, seed, {"I": acc, "A": acc / 2, "I+rA": acc / 3}, groups=groups))
+                          result(experiment, t, s, loss, seed,
+                                 {"I": acc, "A": acc / 2, "I+rA": acc / 3}, groups=groups))
 
 
 def figure_args(folder, out, *extra):
@@ -307,7 +331,9 @@ def test_figures_of_a_grid_are_written_and_not_empty(tmp_path):
     os.makedirs(tmp_path / "f")
     written = []
     runs = R.load_results(str(tmp_path / "r"))
-    figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--metrics", "acc", "kl"), written)
+    figures.draw_experiment(runs, "toy",
+                            figure_args(tmp_path / "r", tmp_path / "f", "--metrics", "acc", "kl"),
+                            written)
     names = {os.path.basename(p) for p in written}
     assert "toy_bars_I_IA.png" in names and "toy_curves_IA_I.png" in names
     assert {f"toy_heatmap_{m}_{l}.png" for m in ("acc", "kl") for l in ("kl", "jacobian")} <= names
@@ -324,8 +350,8 @@ def test_figures_of_a_grid_are_written_and_not_empty(tmp_path):
 def test_figures_cli_mixed_experiments_groups_and_single_seed(tmp_path, cli):
     grid_results(tmp_path / "r", "toy")
     grid_results(tmp_path / "r", "birds", groups=True, seeds=(0,))
-    r = cli("figures.py", tmp_path / "r", "--out", tmp_path / "f", "--pair", "IA/IA", "--kinds", "bars", "heatmap",
-            "--methods", "kl")
+    r = cli("figures.py", tmp_path / "r", "--out", tmp_path / "f", "--pair", "IA/IA",
+            "--kinds", "bars", "heatmap", "--methods", "kl")
     assert r.returncode == 0, r.stderr
     assert "holds 2 experiments (birds, toy): drawing each separately" in r.stdout
     files = os.listdir(tmp_path / "f")
@@ -356,7 +382,8 @@ def test_tables_markdown_by_cell_and_category(tmp_path, cli):
     # teacher category: T=IA, S=I, K=A -> every cell's mean over seeds is 0.55/2 for kl
     assert float(cats["teacher"][1]) == pytest.approx(0.275)
     assert {"similarity", "teacher", "student", "neither"} <= set(cats)
-    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv", "--reference")
+    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv",
+            "--reference")
     rows = [l.split(",") for l in r.stdout.splitlines()]
     assert rows[0] == ["category", "kl", "jacobian", "reference kl", "reference jacobian", "cells"]
     assert {row[0]: row[3:5] for row in rows[1:]}["teacher"] == ["0.163", "0.173"]
@@ -365,11 +392,14 @@ def test_tables_markdown_by_cell_and_category(tmp_path, cli):
 
 
 def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
-    grid_results(tmp_path)  # test sets I, A and I+rA; I+rA counts as I (its label-carrying mechanism)
-    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv", "--sets", "I", "A")
+    # test sets I, A and I+rA; I+rA counts as I (its label-carrying mechanism)
+    grid_results(tmp_path)
+    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv",
+            "--sets", "I", "A")
     assert r.returncode == 0, r.stderr
     sim = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
-    # kl's similarity cells: K = I in (I,I), (IA,I), (I,IA), (IA,IA) at 0.55; K = A in (IA,IA), (A,IA) at 0.275
+    # kl's similarity cells: K = I in (I,I), (IA,I), (I,IA), (IA,IA) at 0.55;
+    # K = A in (IA,IA), (A,IA) at 0.275
     assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-1] == "6"
     r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv")
     sim_all = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
@@ -377,7 +407,8 @@ def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
     r = cli("table.py", tmp_path, "--sets", "I", "AB")
     assert r.returncode == 2 and "no test set AB" in r.stderr and "Traceback" not in r.stderr
     runs = R.only_sets(R.load_results(str(tmp_path)), ["A"])
-    assert all(set(r.student_eval) == {"A"} and all(set(m) <= {"A"} for _, m in r.curves) for r in runs)
+    assert all(set(r.student_eval) == {"A"} and all(set(m) <= {"A"} for _, m in r.curves)
+               for r in runs)
 
 
 @pytest.mark.slow
@@ -392,12 +423,16 @@ def test_figures_sets_and_the_8_way_categories_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "save", keep)
     os.makedirs(tmp_path / "f")
     runs = R.load_results(str(tmp_path / "r"))
-    figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "heatmap", "categories",
-                                                     "--metrics", "acc", "--sets", "I", "A"), [])
+    figures.draw_experiment(runs, "toy",
+                            figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "heatmap",
+                                        "categories", "--metrics", "acc", "--sets", "I", "A"),
+                            [])
     assert panels["toy_heatmap_acc_kl.png"] == ["test set I", "test set A"]  # I+rA left out
-    assert "toy_categories_acc.png" in panels and "toy_categories8_acc.png" in panels  # (IA, I, IA) is `other`
+    # (IA, I, IA) is `other`
+    assert "toy_categories_acc.png" in panels and "toy_categories8_acc.png" in panels
     with pytest.raises(figures.UserError, match="no test set B"):
-        figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--sets", "B"), [])
+        figures.draw_experiment(runs, "toy",
+                                figure_args(tmp_path / "r", tmp_path / "f", "--sets", "B"), [])
 
 
 # ----------------------------------------------------------------------------- grid runner: cells
@@ -407,8 +442,10 @@ def test_all_configs_and_cell_order():
     assert grid.all_configs("IAB") == ["I", "A", "B", "IA", "IB", "AB", "IAB"]
     cells = grid.make_cells(["I", "A"], ["I", "A"], ["kl", "jacobian"], [0, 1])
     assert len(cells) == 16 and len(set(cells)) == 16
-    assert {(c.teacher, c.seed) for c in cells[:4]} == {("I", 0), ("I", 1), ("A", 0), ("A", 1)}  # teachers first
-    assert [c.loss for c in cells[4:]] == sorted((c.loss for c in cells[4:]), key=grid.COST_ORDER.index)
+    # teachers first
+    assert {(c.teacher, c.seed) for c in cells[:4]} == {("I", 0), ("I", 1), ("A", 0), ("A", 1)}
+    assert [c.loss for c in cells[4:]] == sorted((c.loss for c in cells[4:]),
+                                                 key=grid.COST_ORDER.index)
 
 
 def test_array_spec():
@@ -416,7 +453,7 @@ def test_array_spec():
     assert grid.array_spec([3]) == "3"
 
 
-FAKE = r'''
+FAKE = (r'''
 import argparse, json, os, signal, sys, time
 def on_sigterm(signum, frame):  # as common.run_cli does
     raise KeyboardInterrupt
@@ -441,12 +478,14 @@ if a.teacher_config == os.environ.get("FAKE_BLOCK_TEACHER"):
 if a.teacher_config == os.environ.get("FAKE_FAIL_TEACHER"):
     print("boom", file=sys.stderr); sys.exit(1)
 m = {"I": {"acc": 0.5, "kl": 0.1, "agreement": 0.5}}
-cfg = {"teacher_config": a.teacher_config, "student_config": a.student_config, "loss": a.loss, "seed": a.seed,
+cfg = {"teacher_config": a.teacher_config, "student_config": a.student_config, '''
+        r'''"loss": a.loss, "seed": a.seed,
        "steps": a.steps}
 with open(a.out, "w") as f:
     json.dump({"experiment": "fake", "args": cfg, "teacher": {"eval": {"I": {"acc": 0.9}}},
-               "student": {"eval": m, "curves": []}, "exclusions": [], "provenance": {"argv": sys.argv[1:]}}, f)
-'''
+               "student": {"eval": m, "curves": []}, "exclusions": [], '''
+        r'''"provenance": {"argv": sys.argv[1:]}}, f)
+''')
 
 
 @pytest.fixture
@@ -456,10 +495,12 @@ def fake(tmp_path):
     env = dict(os.environ, FAKE_LOG=str(tmp_path / "calls.log"))
 
     def run_grid(*extra, env_extra=None, **kw):
-        cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(script), "--teachers", "I", "A",
-               "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--results", str(tmp_path / "res"),
-               "--cache-dir", str(tmp_path / "cache"), "--workers", "2", *extra]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, **(env_extra or {})}, **kw)
+        cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(script),
+               "--teachers", "I", "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0",
+               "--results", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"),
+               "--workers", "2", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                              env={**env, **(env_extra or {})}, **kw)
 
     def calls():
         path = tmp_path / "calls.log"
@@ -471,15 +512,16 @@ def fake(tmp_path):
 def cell_argv(tmp_path, name, *extra, out=None, cache_dir=None):
     """The arguments the fake grid passes to the script for cell `name` (e.g. I_IA_kl_seed0)."""
     teacher, student, loss, seed = name.split("_")
-    return ["--teacher-config", teacher, "--student-config", student, "--loss", loss, "--seed", seed.removeprefix("seed"),
-            "--out", out or str(tmp_path / "res" / f"{name}.json"), "--cache-dir", cache_dir or str(tmp_path / "cache"),
-            *extra]
+    return ["--teacher-config", teacher, "--student-config", student, "--loss", loss,
+            "--seed", seed.removeprefix("seed"),
+            "--out", out or str(tmp_path / "res" / f"{name}.json"),
+            "--cache-dir", cache_dir or str(tmp_path / "cache"), *extra]
 
 
 def done_cell(tmp_path, name, *extra, **kw):
     """A result of cell `name` made with the grid's arguments (plus `extra` after --)."""
-    return write(tmp_path / "res", f"{name}.json", {**result(), "provenance": {"argv": cell_argv(tmp_path, name, *extra)},
-                                                     **kw})
+    return write(tmp_path / "res", f"{name}.json",
+                 {**result(), "provenance": {"argv": cell_argv(tmp_path, name, *extra)}, **kw})
 
 
 @pytest.mark.slow
@@ -502,7 +544,8 @@ def test_grid_failed_cells_are_reported_and_rerun(fake):
     r = run_grid(env_extra={"FAKE_FAIL_TEACHER": "A"})
     assert r.returncode == 1
     assert "FAILED A_IA_kl_seed0" in r.stdout and "boom" in r.stdout
-    assert sorted(os.listdir(tmp_path / "res")) == ["I_IA_ce_seed0.json", "I_IA_kl_seed0.json", "logs"]
+    assert sorted(os.listdir(tmp_path / "res")) == ["I_IA_ce_seed0.json", "I_IA_kl_seed0.json",
+                                                    "logs"]
     r = run_grid()
     assert r.returncode == 0 and "2 done already, running 2" in r.stdout
     assert calls().count("A_IA_kl_seed0.json") == 2 and calls().count("I_IA_kl_seed0.json") == 1
@@ -521,11 +564,12 @@ def test_grid_stops_when_the_script_rejects_its_flags(fake):
 def test_grid_interrupt_then_resume(fake, how):
     run_grid, calls, tmp_path, env = fake
     started = tmp_path / "started"
-    cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(tmp_path / "exp_fake.py"), "--teachers", "I",
-           "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--results", str(tmp_path / "res"),
-           "--workers", "1"]
-    # a runner started in the background by a shell script ignores SIGINT, and so do its cells; an interactive
-    # one gets the default (set explicitly: pytest itself may run in the background, with SIGINT ignored)
+    cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(tmp_path / "exp_fake.py"),
+           "--teachers", "I", "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0",
+           "--results", str(tmp_path / "res"), "--workers", "1"]
+    # a runner started in the background by a shell script ignores SIGINT, and so do its cells; an
+    # interactive one gets the default (set explicitly: pytest itself may run in the background,
+    # with SIGINT ignored)
     sigint = signal.SIG_DFL if how == "ctrl-c" else signal.SIG_IGN
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
@@ -534,13 +578,17 @@ def test_grid_interrupt_then_resume(fake, how):
     while not started.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert started.exists()
-    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)  # while a cell of teacher A runs
+    # while a cell of teacher A runs
+    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "rerun the same command" in err and "Traceback" not in err
-    logs = [open(tmp_path / "res" / "logs" / n).read() for n in os.listdir(tmp_path / "res" / "logs") if n.startswith("A_")]
-    assert any("interrupted: no result was written" in log for log in logs)  # the cell was stopped, not killed
+    logs = [open(tmp_path / "res" / "logs" / n).read()
+            for n in os.listdir(tmp_path / "res" / "logs") if n.startswith("A_")]
+    # the cell was stopped, not killed
+    assert any("interrupted: no result was written" in log for log in logs)
     done = {n for n in os.listdir(tmp_path / "res") if n.endswith(".json")}
-    assert all(n.startswith("I_") for n in done) and len(done) <= 2  # the interrupted cell wrote nothing
+    # the interrupted cell wrote nothing
+    assert all(n.startswith("I_") for n in done) and len(done) <= 2
     before = len(calls())
     r = run_grid()
     assert r.returncode == 0, r.stdout + r.stderr
@@ -564,8 +612,10 @@ def test_grid_skips_a_cell_another_runner_holds(fake):
 def test_grid_bad_arguments(fake):
     run_grid, _, tmp_path, _ = fake
     r = run_grid("--", "--seed", "3")
-    assert r.returncode == 2 and r.stderr.startswith("error: '--seed' after -- would set the script's --seed")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "grid.py"), "nope.py", "--mechanisms", "IA"],
+    assert (r.returncode == 2
+            and r.stderr.startswith("error: '--seed' after -- would set the script's --seed"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "grid.py"), "nope.py",
+                        "--mechanisms", "IA"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nope.py not found" in r.stderr
     r = run_grid("--teachers", "I", "x y")
@@ -580,8 +630,9 @@ def grid_cli(tmp_path, capsys, monkeypatch):
     script.write_text(FAKE)
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["grid.py", str(script), "--teachers", "I", "--students", "IA", "--losses", "kl",
-                                          "--seeds", "0", "--results", str(tmp_path / "res"), *map(str, args)])
+        monkeypatch.setattr(sys, "argv", ["grid.py", str(script), "--teachers", "I",
+                                          "--students", "IA", "--losses", "kl", "--seeds", "0",
+                                          "--results", str(tmp_path / "res"), *map(str, args)])
         code = 0
         try:
             grid.run_cli(lambda: sys.exit(grid.main()))
@@ -599,7 +650,8 @@ def not_executable(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--python", "/nonexistent/python3"], "--python /nonexistent/python3 is not an executable file"),
+    (["--python", "/nonexistent/python3"],
+     "--python /nonexistent/python3 is not an executable file"),
     (["--python", not_executable], "is not an executable file"),
     (["--python", "no-such-python-9z"], "--python no-such-python-9z is not found on PATH"),
     (["--slurm-time", "-1"], "--slurm-time '-1' is not a SLURM time"),
@@ -608,7 +660,8 @@ def not_executable(tmp_path):
     (["--slurm-time", "2h"], "is not a SLURM time"),
     (["--slurm-time", "02:75:00"], "is not a SLURM time"),
     (["--slurm-time", "1:02:03:04"], "is not a SLURM time"),
-    (["--slurm-mem=-8G"], "--slurm-mem '-8G' is not a positive amount"),  # argparse takes '-8G' alone for a flag
+    # argparse takes '-8G' alone for a flag
+    (["--slurm-mem=-8G"], "--slurm-mem '-8G' is not a positive amount"),
     (["--slurm-mem", "0"], "is not a positive amount"),
     (["--slurm-mem", "8GB"], "is not a positive amount"),
     (["--slurm-gpus", "-1"], "--slurm-gpus must be 0 or more, got -1"),
@@ -633,8 +686,9 @@ def test_grid_rejects_bad_options_before_anything_runs(grid_cli, tmp_path, bad, 
 
 def test_grid_accepts_every_slurm_time_format_and_no_abbreviations(grid_cli, tmp_path):
     for time_limit in ("90", "30:00", "02:00:00", "1-12", "1-12:30", "1-12:30:15"):
-        r = grid_cli("--slurm", tmp_path / "g.sbatch", "--slurm-time", time_limit, "--slurm-mem", "500m",
-                     "--slurm-gpus", "0", "--python", "sh", "--", "--steps", "2")  # a name found on PATH
+        r = grid_cli("--slurm", tmp_path / "g.sbatch", "--slurm-time", time_limit,
+                     "--slurm-mem", "500m", "--slurm-gpus", "0",
+                     "--python", "sh", "--", "--steps", "2")  # a name found on PATH
         assert r.returncode == 0, r.stderr
         text = (tmp_path / "g.sbatch").read_text()
         assert f"#SBATCH --time={time_limit}\n" in text and "#SBATCH --mem=500M\n" in text
@@ -647,9 +701,11 @@ def test_grid_resumes_only_results_made_with_the_cells_settings(fake):
     run_grid, calls, tmp_path, _ = fake
     # --out and --cache-dir do not change the numbers; a excluded result is done too
     write(tmp_path / "res", "I_IA_kl_seed0.json",
-          {**result(), "provenance": {"argv": cell_argv(tmp_path, "I_IA_kl_seed0", "--steps", "5", out="/elsewhere/x.json",
+          {**result(), "provenance": {"argv": cell_argv(tmp_path, "I_IA_kl_seed0", "--steps", "5",
+                                                        out="/elsewhere/x.json",
                                                         cache_dir="/other/cache")}})
-    done_cell(tmp_path, "A_IA_kl_seed0", "--steps=5", flags=["student did not fit its distillation data"])
+    done_cell(tmp_path, "A_IA_kl_seed0", "--steps=5",
+              flags=["student did not fit its distillation data"])
     r = run_grid("--dry-run", "--", "--steps", "5")
     assert r.returncode == 0, r.stderr
     assert sum(l.startswith("done  ") for l in r.stdout.splitlines()) == 2
@@ -660,7 +716,8 @@ def test_grid_resumes_only_results_made_with_the_cells_settings(fake):
         assert r.stderr.startswith(f"error: {mismatched} exists but was made with other settings")
         assert "it has --steps 3, the grid passes --steps 5" in r.stderr
         assert "use another --results folder or delete the file" in r.stderr
-    assert not calls() and not (tmp_path / "g.sbatch").exists() and not (tmp_path / "res" / "logs").exists()
+    assert (not calls() and not (tmp_path / "g.sbatch").exists()
+            and not (tmp_path / "res" / "logs").exists())
 
 
 @pytest.mark.slow
@@ -676,20 +733,22 @@ def test_grid_refuses_results_of_unknown_settings(fake, content, why):
     r = run_grid()
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and not calls()
     assert r.stderr.startswith(f"error: {old} exists but {why}")
-    assert "(1 more of this grid's files do not match either)" in r.stderr and "delete the files" in r.stderr
+    assert ("(1 more of this grid's files do not match either)" in r.stderr
+            and "delete the files" in r.stderr)
 
 
 # ----------------------------------------------------------------------------- grid runner: SLURM
 
-SBATCH_OPTIONS = {"job-name", "array", "ntasks", "cpus-per-task", "mem", "time", "output", "partition", "gres"}
+SBATCH_OPTIONS = {"job-name", "array", "ntasks", "cpus-per-task", "mem", "time", "output",
+                  "partition", "gres"}
 
 
 @pytest.mark.slow
 def test_slurm_script_is_valid_sbatch_input(fake):
     run_grid, calls, tmp_path, env = fake
     done_cell(tmp_path, "I_IA_kl_seed0", "--steps", "2")
-    r = run_grid("--slurm", str(tmp_path / "grid.sbatch"), "--slurm-partition", "gpu", "--slurm-gpus", "1",
-                 "--slurm-max-parallel", "2", "--", "--steps", "2")
+    r = run_grid("--slurm", str(tmp_path / "grid.sbatch"), "--slurm-partition", "gpu",
+                 "--slurm-gpus", "1", "--slurm-max-parallel", "2", "--", "--steps", "2")
     assert r.returncode == 0, r.stderr
     assert "3 array tasks" in r.stdout and not calls()  # writing the script runs nothing
     text = (tmp_path / "grid.sbatch").read_text()
@@ -697,7 +756,8 @@ def test_slurm_script_is_valid_sbatch_input(fake):
     assert lines[0] == "#!/bin/bash"
     first_command = next(i for i, l in enumerate(lines) if l and not l.startswith("#"))
     directives = [l for l in lines if l.startswith("#SBATCH")]
-    assert all(lines.index(d) < first_command for d in directives)  # sbatch stops reading at the first command
+    # sbatch stops reading at the first command
+    assert all(lines.index(d) < first_command for d in directives)
     opts = {}
     for d in directives:
         m = re.fullmatch(r"#SBATCH --([a-z-]+)=(\S+)", d)
@@ -705,7 +765,8 @@ def test_slurm_script_is_valid_sbatch_input(fake):
         opts[m.group(1)] = m.group(2)
     assert set(opts) <= SBATCH_OPTIONS and opts["partition"] == "gpu" and opts["gres"] == "gpu:1"
     assert re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?", opts["array"])
-    assert re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", opts["time"]) and re.fullmatch(r"\d+[KMGT]?", opts["mem"])
+    assert (re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", opts["time"])
+            and re.fullmatch(r"\d+[KMGT]?", opts["mem"]))
     assert os.path.isdir(os.path.dirname(opts["output"]))  # sbatch does not create it
     cells = grid.make_cells(["I", "A"], ["IA"], ["kl", "ce"], [0])
     done_index = [c.name for c in cells].index("I_IA_kl_seed0")
@@ -714,14 +775,14 @@ def test_slurm_script_is_valid_sbatch_input(fake):
     assert subprocess.run(["bash", "-n", str(tmp_path / "grid.sbatch")]).returncode == 0
     # run one array task the way SLURM would: it must run exactly its cell
     task = todo[0]
-    r = subprocess.run(["bash", str(tmp_path / "grid.sbatch")], capture_output=True, text=True, timeout=60,
-                       env={**env, "SLURM_ARRAY_TASK_ID": str(task)})
+    r = subprocess.run(["bash", str(tmp_path / "grid.sbatch")], capture_output=True, text=True,
+                       timeout=60, env={**env, "SLURM_ARRAY_TASK_ID": str(task)})
     assert r.returncode == 0, r.stderr
     assert calls() == [f"{cells[task].name}.json"]
     with open(tmp_path / "res" / f"{cells[task].name}.json") as f:
         assert json.load(f)["args"]["steps"] == 2
-    r = subprocess.run(["bash", str(tmp_path / "grid.sbatch")], capture_output=True, text=True, timeout=60,
-                       env={**env, "SLURM_ARRAY_TASK_ID": str(done_index)})
+    r = subprocess.run(["bash", str(tmp_path / "grid.sbatch")], capture_output=True, text=True,
+                       timeout=60, env={**env, "SLURM_ARRAY_TASK_ID": str(done_index)})
     assert r.returncode == 0 and "done already" in r.stdout and len(calls()) == 1
 
 
@@ -731,27 +792,33 @@ def test_slurm_script_is_valid_sbatch_input(fake):
 def test_grid_with_the_real_script_trains_each_teacher_once(tmp_path):
     """Two workers, two cells that need the same teacher: the cache lock makes one train it and
     the other load it."""
-    cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), os.path.join(ROOT, "exp_colored_mnist.py"),
-           "--teachers", "IA", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0", "--workers", "2",
-           "--results", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"),
+    cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"),
+           os.path.join(ROOT, "exp_colored_mnist.py"),
+           "--teachers", "IA", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0",
+           "--workers", "2", "--results", str(tmp_path / "res"),
+           "--cache-dir", str(tmp_path / "cache"),
            "--", "--smoke", "--n-train", "100", "--steps", "5", "--teacher-steps", "10"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     logs = [(tmp_path / "res" / "logs" / f"IA_IA_{l}_seed0.log").read_text() for l in ("kl", "ce")]
     assert sum("teacher: training" in log for log in logs) == 1
     assert sum("teacher: loaded from cache" in log for log in logs) == 1
-    for loss in ("kl", "ce"):  # results of ours (5 steps may leave them excluded as unfit: the analysis skips those)
+    # results of ours (5 steps may leave them excluded as unfit: the analysis skips those)
+    for loss in ("kl", "ce"):
         with open(tmp_path / "res" / f"IA_IA_{loss}_seed0.json") as f:
             R.parse_result(json.load(f))
     # the script records the arguments the grid passed: the same command counts both cells done
     at = cmd.index("--")
-    r = subprocess.run([*cmd[:at], "--dry-run", *cmd[at:]], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and [l[:6] for l in r.stdout.splitlines()] == ["done  ", "done  "], r.stdout + r.stderr
+    r = subprocess.run([*cmd[:at], "--dry-run", *cmd[at:]], capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode == 0
+            and [l[:6] for l in r.stdout.splitlines()] == ["done  ", "done  "]), r.stdout + r.stderr
 
 
 def test_runs_that_differ_in_a_shared_setting_are_warned_about(tmp_path):
     write(tmp_path, "a.json", result(loss="kl", lr=0.001))
-    write(tmp_path, "b.json", result(loss="jacobian", lr=0.02, alpha=0.2))  # alpha is the loss's own: fine
+    # alpha is the loss's own: fine
+    write(tmp_path, "b.json", result(loss="jacobian", lr=0.02, alpha=0.2))
     runs = R.load_results(str(tmp_path))
     assert R.confounders(runs) == {"lr": [0.001, 0.02]}
     warnings = []
@@ -761,10 +828,11 @@ def test_runs_that_differ_in_a_shared_setting_are_warned_about(tmp_path):
     assert R.confounders(R.load_results(str(tmp_path))) == {}
 
 
-# ----------------------------------------------------------------------------- sweeps and dose-response
+# ------------------------------------------------------------------------- sweeps and dose-response
 
 def test_grid_sweep_runs_every_combination_with_its_values_in_the_name(grid_cli, tmp_path):
-    r = grid_cli("--dry-run", "--sweep", "alpha=0.1,0.9", "--sweep=--arch=cnn,lenet", "--", "--steps", "2")
+    r = grid_cli("--dry-run", "--sweep", "alpha=0.1,0.9", "--sweep=--arch=cnn,lenet", "--",
+                 "--steps", "2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 4 and all(line.startswith("todo  ") for line in lines)
@@ -780,7 +848,8 @@ def test_grid_sweep_runs_every_combination_with_its_values_in_the_name(grid_cli,
     (["--sweep", "alpha=0.1,0.1"], "repeats a value"),
     (["--sweep", "alpha=0.1", "--sweep", "alpha=0.5"], "names alpha twice"),
     (["--sweep", "seed=1,2"], "the grid sets --seed for each cell itself"),
-    (["--sweep", "alpha=0.1,0.5", "--", "--alpha", "0.3"], "'--alpha' after -- sets a flag that --sweep alpha varies"),
+    (["--sweep", "alpha=0.1,0.5", "--", "--alpha", "0.3"],
+     "'--alpha' after -- sets a flag that --sweep alpha varies"),
 ])
 def test_grid_rejects_bad_sweeps(grid_cli, tmp_path, bad, message):
     r = grid_cli(*bad)
@@ -789,13 +858,16 @@ def test_grid_rejects_bad_sweeps(grid_cli, tmp_path, bad, message):
 
 
 def sweep_results(folder, seeds=(0, 1, 2)):
-    """kl without an alpha (it has none to sweep) and jacobian at three, agreement rising with alpha."""
+    """kl without an alpha (it has none to sweep) and jacobian at three, agreement rising with
+    alpha."""
     for seed in seeds:
-        write(folder, f"kl_{seed}.json", result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1 + 0.01 * seed},
-                                                alpha=None))
+        write(folder, f"kl_{seed}.json",
+              result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1 + 0.01 * seed},
+                     alpha=None))
         for alpha in (0.1, 0.5, 0.9):
-            write(folder, f"jac_{alpha}_{seed}.json", result("toy", "I+rA", "IA", "jacobian", seed,
-                                                              {"IA": 0.9, "I+rA": alpha + 0.01 * seed}, alpha=alpha))
+            write(folder, f"jac_{alpha}_{seed}.json",
+                  result("toy", "I+rA", "IA", "jacobian", seed,
+                         {"IA": 0.9, "I+rA": alpha + 0.01 * seed}, alpha=alpha))
 
 
 def test_dose_response_figure_has_a_line_per_loss_and_a_band(tmp_path, monkeypatch):
@@ -814,25 +886,33 @@ def test_dose_response_figure_has_a_line_per_loss_and_a_band(tmp_path, monkeypat
     monkeypatch.setattr(figures, "save", keep)
     written = []
     os.makedirs(tmp_path / "f")
-    figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose", "--dose", "alpha",
-                                                     "--metrics", "agreement", "--sets", "I+rA"), written)
+    figures.draw_experiment(runs, "toy",
+                            figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
+                                        "--dose", "alpha", "--metrics", "agreement",
+                                        "--sets", "I+rA"),
+                            written)
     assert [os.path.basename(p) for p in written] == ["toy_dose_alpha_I+rA_IA.png"]
     xs, ys = drawn["lines"]["jacobian"]
-    assert xs == [0.1, 0.5, 0.9] and ys == pytest.approx([0.11, 0.51, 0.91])  # means over the three seeds
-    assert drawn["lines"]["kl (reference)"][1] == pytest.approx([0.11, 0.11])  # a horizontal reference
+    # means over the three seeds
+    assert xs == [0.1, 0.5, 0.9] and ys == pytest.approx([0.11, 0.51, 0.91])
+    # a horizontal reference
+    assert drawn["lines"]["kl (reference)"][1] == pytest.approx([0.11, 0.11])
     assert drawn["bands"] == 1  # the jacobian line's 95 % CI band
-    assert drawn["ticks"] == ["0.1", "0.5", "0.9"]  # plain KL's missing alpha is not a point on the axis
+    # plain KL's missing alpha is not a point on the axis
+    assert drawn["ticks"] == ["0.1", "0.5", "0.9"]
 
 
 def test_dose_response_needs_a_swept_setting(tmp_path):
     grid_results(tmp_path / "r")
     runs = R.load_results(str(tmp_path / "r"))
     with pytest.raises(figures.UserError, match="takes one value only"):
-        figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
-                                                         "--dose", "alpha"), [])
+        figures.draw_experiment(runs, "toy",
+                                figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
+                                            "--dose", "alpha"), [])
     with pytest.raises(figures.UserError, match="no setting 'lr'"):
-        figures.draw_experiment(runs, "toy", figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
-                                                         "--dose", "lr"), [])
+        figures.draw_experiment(runs, "toy",
+                                figure_args(tmp_path / "r", tmp_path / "f", "--kinds", "dose",
+                                            "--dose", "lr"), [])
 
 
 def test_choose_default_takes_the_largest_weight_that_keeps_the_in_distribution_fit(tmp_path):
@@ -842,19 +922,26 @@ def test_choose_default_takes_the_largest_weight_that_keeps_the_in_distribution_
     folder = tmp_path / "r"
     for seed in (0, 1):
         kl = result("toy", "I+rA", "IA", "kl", seed, {"IA": 0.9, "I+rA": 0.1})
-        kl["student"]["fit"] = {"config": "IA", "acc": 0.95, "agreement": 0.95, "fit": 0.95, "ok": True}
+        kl["student"]["fit"] = {"config": "IA", "acc": 0.95, "agreement": 0.95, "fit": 0.95,
+                                "ok": True}
         write(folder, f"kl_{seed}.json", kl)
-        ce = result("toy", "I+rA", "IA", "ce", seed, {"IA": 0.9, "I+rA": 0.1}, alpha=None)  # no weight: not a line
-        ce["student"]["fit"] = {"config": "IA", "acc": 0.99, "agreement": 0.9, "fit": 0.99, "ok": True}
+        # no weight: not a line
+        ce = result("toy", "I+rA", "IA", "ce", seed, {"IA": 0.9, "I+rA": 0.1}, alpha=None)
+        ce["student"]["fit"] = {"config": "IA", "acc": 0.99, "agreement": 0.9, "fit": 0.99,
+                                "ok": True}
         write(folder, f"ce_{seed}.json", ce)
         for alpha, acc in ((0.1, 0.96), (0.5, 0.945), (0.9, 0.90)):
-            r = result("toy", "I+rA", "IA", "jacobian", seed, {"IA": 0.9, "I+rA": alpha}, alpha=alpha)
-            r["student"]["fit"] = {"config": "IA", "acc": acc, "agreement": acc, "fit": acc, "ok": True}
+            r = result("toy", "I+rA", "IA", "jacobian", seed, {"IA": 0.9, "I+rA": alpha},
+                       alpha=alpha)
+            r["student"]["fit"] = {"config": "IA", "acc": acc, "agreement": acc, "fit": acc,
+                                   "ok": True}
             write(folder, f"jac_{alpha}_{seed}.json", r)
     rows = choose_default.choose(R.load_results(str(folder)), "alpha", "kl", 0.01, "acc")
     assert len(rows) == 1 and rows[0]["line"] == "jacobian" and rows[0]["chosen"] == 0.5
-    assert rows[0]["reference"] == pytest.approx(0.95) and rows[0]["means"][0.9] == pytest.approx(0.90)
-    assert choose_default.choose(R.load_results(str(folder)), "alpha", "kl", 0.0, "acc")[0]["chosen"] == 0.1
+    assert (rows[0]["reference"] == pytest.approx(0.95)
+            and rows[0]["means"][0.9] == pytest.approx(0.90))
+    assert choose_default.choose(R.load_results(str(folder)), "alpha", "kl", 0.0,
+                                 "acc")[0]["chosen"] == 0.1
 
 
 @pytest.mark.slow
@@ -877,18 +964,23 @@ def test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_pa
         kl["student"]["fit"] = {"acc": 0.95}
         write(folder, f"kl_{seed}.json", kl)
         for alpha in (0.1, 0.9):
-            r = result("toy", "I+rA", "IA", "jacobian", seed, {"IA": 0.9, "I+rA": alpha + 0.1 * seed}, alpha=alpha)
+            r = result("toy", "I+rA", "IA", "jacobian", seed,
+                       {"IA": 0.9, "I+rA": alpha + 0.1 * seed}, alpha=alpha)
             r["student"]["fit"] = {"acc": 0.8 if (alpha, seed) == (0.9, 2) else 0.95}
             r["exclusions"] = ["student fit"] if (alpha, seed) == (0.9, 2) else []
             for i, point in enumerate(r["student"]["curves"]):
-                point["terms"] = {"kl": {"weight": 1 - alpha, "value": 1.0, "grad_norm": 8.0 / (i + 1)},
+                point["terms"] = {"kl": {"weight": 1 - alpha, "value": 1.0,
+                                         "grad_norm": 8.0 / (i + 1)},
                                   "jacobian": {"weight": alpha, "value": 1.0, "grad_norm": 2.0}}
             write(folder, f"jac_{alpha}_{seed}.json", r)
-    rows = sweep_table.tables(R.load_results(str(folder), keep_excluded=True), "alpha", [("agreement", "I+rA")])
+    rows = sweep_table.tables(R.load_results(str(folder), keep_excluded=True), "alpha",
+                              [("agreement", "I+rA")])
     rows = rows[("toy", "I+rA", "IA")]
-    assert [r[:3] for r in rows] == [["kl", "", "3"], ["jacobian", "0.1", "3"], ["jacobian", "0.9", "3"]]
+    assert [r[:3] for r in rows] == [["kl", "", "3"], ["jacobian", "0.1", "3"],
+                                     ["jacobian", "0.9", "3"]]
     assert rows[0][3] == "0.100 ± 0.000" and rows[0][5:] == ["", ""]
-    assert rows[2][3].startswith("1.000 ± 0.248")  # 0.9, 1.0, 1.1: half-width t(0.975, 2) * 0.1 / sqrt(3)
+    # 0.9, 1.0, 1.1: half-width t(0.975, 2) * 0.1 / sqrt(3)
+    assert rows[2][3].startswith("1.000 ± 0.248")
     assert rows[2][4] == "0.900 (1 excluded)"
     assert rows[1][5:] == ["4", "3"]  # first evaluation point 8/2; median of 4 and 2 over the seeds
 
@@ -896,11 +988,16 @@ def test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_pa
 @pytest.mark.slow
 def test_sweep_table_command_line(tmp_path):
     test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_path)
-    r = run_script("sweep_table.py", tmp_path / "r", "--setting", "alpha", "--columns", "agreement:I+rA", "kl:IA")
-    assert r.returncode == 0 and "| jacobian | 0.9 | 3 | 1.000 ± 0.248 | 0.100 ± 0.000 | 0.900 (1 excluded) |" in r.stdout
-    for bad, why in ((["--columns", "agreement"], "is not METRIC:SET"), (["--columns", "agreement:B"], "no run"),
+    r = run_script("sweep_table.py", tmp_path / "r", "--setting", "alpha", "--columns",
+                   "agreement:I+rA", "kl:IA")
+    assert (r.returncode == 0
+            and "| jacobian | 0.9 | 3 | 1.000 ± 0.248 | 0.100 ± 0.000 | 0.900 (1 excluded) |"
+            in r.stdout)
+    for bad, why in ((["--columns", "agreement"], "is not METRIC:SET"),
+                     (["--columns", "agreement:B"], "no run"),
                      (["--setting", "lr", "--columns", "agreement:IA"], "no run")):
-        r = run_script("sweep_table.py", tmp_path / "r", *(["--setting", "alpha"] if "--setting" not in bad else []), *bad)
+        r = run_script("sweep_table.py", tmp_path / "r",
+                       *(["--setting", "alpha"] if "--setting" not in bad else []), *bad)
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -33,10 +33,12 @@ def coded_items():
 
 
 def patch_class(x: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """For images that equal `background` except in one patch cell: that cell's class (-1 for none)."""
+    """For images that equal `background` except in one patch cell: that cell's class (-1 for
+    none)."""
     out = torch.full((len(x),), -1)
     for k, (r, c) in enumerate(exp.patch_cells(32)):
-        differs = (x[:, :, r:r + SIDE, c:c + SIDE] != background[:, :, r:r + SIDE, c:c + SIDE]).flatten(1).any(1)
+        differs = (x[:, :, r:r + SIDE, c:c + SIDE]
+                   != background[:, :, r:r + SIDE, c:c + SIDE]).flatten(1).any(1)
         assert not (differs & (out >= 0)).any(), "two patches on one image"
         out[differs] = k
     return out
@@ -98,18 +100,21 @@ def test_domino_item_carries_label_at_exact_fraction():
     assert (patch_class(s.x[:, :, 32:], x) == s.y).all()  # frac_a = 1: the patch always carries it
 
 
-@pytest.mark.parametrize("config,which", [("I+rA", "A"), ("I+rB", "B"), ("rI+A", "I"), ("IA+rB", "B")])
+@pytest.mark.parametrize("config,which",
+                         [("I+rA", "A"), ("I+rB", "B"), ("rI+A", "I"), ("IA+rB", "B")])
 def test_randomised_cues_are_independent_of_label(config, which):
     n = 20000
     x, y = coded_pool(n, seed=4)
-    s = exp.render(x, y, config, 1.0, 1.0, None, BLANK, coded_items(), torch.Generator().manual_seed(5))
+    s = exp.render(x, y, config, 1.0, 1.0, None, BLANK, coded_items(),
+                   torch.Generator().manual_seed(5))
     bottom = s.x[:, :, 32:]
     if which == "A":
         cue = patch_class(bottom, x)
     elif which == "B":
         cue = (s.x[:, 0, 0, 0] * 10 - 1).round().long()
     else:
-        cue = (outside_patches(bottom)[:, 0] * 20 - 1).round().long()  # the class of the random image
+        # the class of the random image
+        cue = (outside_patches(bottom)[:, 0] * 20 - 1).round().long()
     assert (cue >= 0).all()
     table = np.zeros((10, 10))
     np.add.at(table, (s.y.numpy(), cue.numpy()), 1)
@@ -120,7 +125,8 @@ def test_randomised_cues_are_independent_of_label(config, which):
 def test_counterfactual_sets_change_only_what_their_names_say():
     x, y = coded_pool(500, seed=6)
     gen = torch.Generator().manual_seed(7)
-    sets = {name: exp.render(x, y, name, 1.0, 1.0, None, BLANK, coded_items(), gen) for name in exp.TEST_CONFIGS + exp.DOMINO_TEST_CONFIGS}
+    sets = {name: exp.render(x, y, name, 1.0, 1.0, None, BLANK, coded_items(), gen)
+            for name in exp.TEST_CONFIGS + exp.DOMINO_TEST_CONFIGS}
     zeros_top = torch.zeros(500, 3, 32, 32)
     for name, s in sets.items():
         top, bottom = s.x[:, :, :32], s.x[:, :, 32:]
@@ -131,7 +137,8 @@ def test_counterfactual_sets_change_only_what_their_names_say():
             assert torch.equal(outside_patches(bottom), outside_patches(x))
             assert (s.y != y).float().mean() > 0.8  # the label is no longer the image's class
         else:
-            assert torch.equal(outside_patches(bottom), outside_patches(BLANK.expand(500, -1, -1, -1)))
+            assert torch.equal(outside_patches(bottom),
+                               outside_patches(BLANK.expand(500, -1, -1, -1)))
         patch = patch_class(bottom, x if roles["I"] != "absent" else BLANK.expand(500, -1, -1, -1))
         if roles["A"] == "absent":
             assert (patch == -1).all(), name
@@ -155,7 +162,8 @@ def test_shapes_generator_is_fixed_balanced_and_varied():
     assert x1.shape == (200, 3, 32, 32) and 0 <= x1.min() and x1.max() <= 1
     assert torch.bincount(y1, minlength=10).tolist() == [20] * 10
     assert not torch.equal(exp.make_shapes(200, seed=4)[0], x1)
-    # class means differ less than the images within a class: the colour does not give the class away
+    # class means differ less than the images within a class: the colour does not give the class
+    # away
     means = torch.stack([x1[y1 == k].mean((0, 2, 3)) for k in range(10)])
     assert means.std(0).max() < 0.1
 
@@ -171,11 +179,13 @@ def write_cifar(root: str, per_batch: int = 4) -> tuple[np.ndarray, list]:
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, per_batch)]
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels, "data": data, "filenames": [f"{i}.png" for i in labels]}, f)
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{i}.png" for i in labels]}, f)
         all_data.append(data)
         all_labels += labels
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                     "horse", "ship", "truck"],
                      "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
     return np.concatenate(all_data), all_labels
 
@@ -200,7 +210,8 @@ def test_cifar_reader_matches_torchvision(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name,flag", [("FashionMNIST", "fashionmnist"), ("MNIST", "mnist")])
 def test_domino_items_through_torchvision(tmp_path, name, flag):
     labels = np.arange(20) % 10
-    write_mnist(tmp_path, name, (20, 10), images=np.repeat(labels * 20 + 10, 28 * 28).reshape(20, 28, 28))
+    write_mnist(tmp_path, name, (20, 10),
+                images=np.repeat(labels * 20 + 10, 28 * 28).reshape(20, 28, 28))
     tr_x, tr_y, te_x, te_y = exp.load_domino_items(flag, str(tmp_path), False)
     assert tr_x.shape == (20, 32, 32) and te_x.shape == (10, 32, 32)
     assert tr_y.tolist() == labels.tolist()
@@ -218,8 +229,10 @@ def run_main(monkeypatch, capsys, argv):
 def test_cifar10_end_to_end_on_tiny_files(tmp_path, monkeypatch, capsys):
     write_cifar(str(tmp_path), per_batch=40)
     out = tmp_path / "r.json"
-    code, cap = run_main(monkeypatch, capsys, ["--data", "cifar10", "--data-root", str(tmp_path), "--smoke", "--steps", "3",
-                                               "--teacher-steps", "3", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+    code, cap = run_main(monkeypatch, capsys, ["--data", "cifar10", "--data-root", str(tmp_path),
+                                               "--smoke", "--steps", "3", "--teacher-steps", "3",
+                                               "--out", str(out),
+                                               "--cache-dir", str(tmp_path / "c")])
     assert code == 0, cap.err
     result = json.loads(out.read_text())
     assert result["test_sizes"]["I"] == 40 and result["args"]["data"] == "cifar10"
@@ -239,7 +252,8 @@ def test_bad_input_is_one_line_and_no_json(tmp_path, monkeypatch, capsys, argv, 
     (tmp_path / "empty").mkdir()
     argv = [str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
     out = tmp_path / "r.json"
-    code, cap = run_main(monkeypatch, capsys, argv + ["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+    code, cap = run_main(monkeypatch, capsys,
+                         argv + ["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
     assert code == 2
     lines = cap.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], cap.err
@@ -250,8 +264,9 @@ def test_corrupt_cifar_batch_is_a_clear_error(tmp_path, monkeypatch, capsys):
     write_cifar(str(tmp_path))
     with open(os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_3"), "wb") as f:
         f.write(b"not a pickle")
-    code, cap = run_main(monkeypatch, capsys, ["--data", "cifar10", "--data-root", str(tmp_path), "--smoke",
-                                               "--out", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "c")])
+    code, cap = run_main(monkeypatch, capsys, ["--data", "cifar10", "--data-root", str(tmp_path),
+                                               "--smoke", "--out", str(tmp_path / "r.json"),
+                                               "--cache-dir", str(tmp_path / "c")])
     assert code == 2 and "data_batch_3" in cap.err and "not a CIFAR-10 python batch" in cap.err
     assert not (tmp_path / "r.json").exists()
 
@@ -260,8 +275,9 @@ def test_corrupt_cifar_batch_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_dominoes_smoke_run_is_deterministic_and_complete(tmp_path, monkeypatch, capsys):
-    argv = ["--dominoes", "--teacher-config", "IB", "--student-config", "IAB", "--patch-pattern", "mandelbrot",
-            "--smoke", "--steps", "4", "--teacher-steps", "4", "--cache-dir", str(tmp_path / "c")]
+    argv = ["--dominoes", "--teacher-config", "IB", "--student-config", "IAB",
+            "--patch-pattern", "mandelbrot", "--smoke", "--steps", "4", "--teacher-steps", "4",
+            "--cache-dir", str(tmp_path / "c")]
     results = []
     for i in range(2):
         out = tmp_path / f"r{i}.json"
@@ -271,7 +287,9 @@ def test_dominoes_smoke_run_is_deterministic_and_complete(tmp_path, monkeypatch,
         results.append(json.loads(out.read_text()))
     a, b = results
     assert set(a["student"]["eval"]) == set(exp.TEST_CONFIGS + exp.DOMINO_TEST_CONFIGS)
-    assert {"I", "A", "B", "IA", "IB", "AB", "IAB"} <= set(a["student"]["eval"])  # every cell of the exhaustive grid
+    # every cell of the exhaustive grid
+    assert {"I", "A", "B", "IA", "IB", "AB", "IAB"} <= set(a["student"]["eval"])
     assert any("pattern predictive" in note for note in a["notes"])
-    assert a["student"]["eval"] == b["student"]["eval"] and a["teacher"]["eval"] == b["teacher"]["eval"]
+    assert (a["student"]["eval"] == b["student"]["eval"]
+            and a["teacher"]["eval"] == b["teacher"]["eval"])
     assert b["teacher"]["cached"] and not a["teacher"]["cached"]

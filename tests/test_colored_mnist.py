@@ -18,8 +18,8 @@ SCRIPT = os.path.join(ROOT, "exp_colored_mnist.py")
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd or ROOT,
-                          timeout=300)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=300)
 
 
 # ----------------------------------------------------------------------------- data
@@ -38,7 +38,8 @@ def colour_index(images):
     brightest = flat.sum(1).argmax(1)                         # a stroke pixel
     rgb = flat[torch.arange(len(images)), :, brightest]
     rgb = rgb / rgb.max(1, keepdim=True).values
-    # element-wise differences, not torch.cdist: its matrix-product shortcut rounds differently per thread count
+    # element-wise differences, not torch.cdist: its matrix-product shortcut rounds differently
+    # per thread count
     dist = (rgb[:, None, :] - cm.palette()[None]).norm(dim=2)
     return dist.argmin(1), dist.min(1).values
 
@@ -72,8 +73,9 @@ def test_counterfactual_sets_change_only_what_they_name(digits):
     assert torch.allclose(shape(grey), shape(ia), atol=1e-6)
     # rI+A: the label's colour, on a digit drawn independently of the label
     assert torch.equal(colour_index(ri_a.x)[0], ri_a.y)
-    shown_digit = torch.tensor([int(torch.nonzero((shape(ri_a)[i] - shape(ia)).flatten(1).abs().max(1).values
-                                                  < 1e-6)[0]) for i in range(len(ri_a.y))])
+    shown_digit = torch.tensor([int(torch.nonzero((shape(ri_a)[i] - shape(ia)).flatten(1)
+                                                  .abs().max(1).values < 1e-6)[0])
+                                for i in range(len(ri_a.y))])
     assert 0.0 < (y[shown_digit] == ri_a.y).float().mean() < 0.3
     # A: the mean digit, in the label's colour
     assert torch.equal(colour_index(only_a.x)[0], only_a.y)
@@ -88,7 +90,8 @@ def test_sklearn_digits_split_is_fixed_and_disjoint():
     assert train_x.shape[1:] == (28, 28) and 0 <= train_x.min() and train_x.max() <= 1
     assert len(train_y) + len(test_y) == 1797
     train_rows = {tuple(r.flatten().tolist()[::7]) for r in train_x}
-    assert sum(tuple(r.flatten().tolist()[::7]) in train_rows for r in test_x) < 5  # (a few real duplicates)
+    assert sum(tuple(r.flatten().tolist()[::7]) in train_rows
+               for r in test_x) < 5  # (a few real duplicates)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -100,7 +103,8 @@ def smoke_runs(tmp_path_factory):
     outputs = {}
     for loss in common.LOSSES:
         out = folder / f"{loss}.json"
-        proc = run("--smoke", "--loss", loss, "--out", str(out), "--cache-dir", str(folder / "cache"))
+        proc = run("--smoke", "--loss", loss, "--out", str(out),
+                   "--cache-dir", str(folder / "cache"))
         assert proc.returncode == 0, proc.stderr
         outputs[loss] = (proc, json.loads(out.read_text()))
     return folder, outputs
@@ -111,19 +115,21 @@ def test_smoke_run_per_loss_writes_the_documented_json(smoke_runs):
     _, outputs = smoke_runs
     for loss, (proc, result) in outputs.items():
         assert result["experiment"] == "colored_mnist" and result["args"]["loss"] == loss
-        assert {"python", "torch", "numpy", "scikit-learn", "device", "commit", "dirty", "argv", "data_version",
-                "test_seed", "teacher_cache_key"} <= set(result["provenance"])
+        assert {"python", "torch", "numpy", "scikit-learn", "device", "commit", "dirty", "argv",
+                "data_version", "test_seed", "teacher_cache_key"} <= set(result["provenance"])
         assert result["provenance"]["teacher_cache_key"] == result["teacher"]["cache_key"]
         assert set(result["teacher"]["eval"]) == set(cm.TEST_CONFIGS)
         for name in cm.TEST_CONFIGS:
             metrics = result["student"]["eval"][name]
             assert {"acc", "kl", "agreement"} <= set(metrics)
-            assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["agreement"] <= 1 and metrics["kl"] >= 0
+            assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["agreement"] <= 1 and \
+                metrics["kl"] >= 0
         curves = result["student"]["curves"]
         assert [c["step"] for c in curves] == [10, 20]
         assert set(curves[-1]["eval"]) == set(cm.TEST_CONFIGS)
         assert curves[-1]["eval"] == result["student"]["eval"]  # the last point is the final model
-        assert {"teacher_train_s", "student_train_s", "student_steps_per_s"} <= set(result["timing"])
+        assert {"teacher_train_s", "student_train_s",
+                "student_steps_per_s"} <= set(result["timing"])
         assert "agreement" in proc.stdout and "result:" in proc.stdout
 
 
@@ -141,7 +147,8 @@ def test_second_run_reuses_the_cached_teacher(smoke_runs):
 def test_same_seed_same_numbers_and_other_seed_other_numbers(smoke_runs, tmp_path):
     folder, outputs = smoke_runs
     again = tmp_path / "again.json"
-    assert run("--smoke", "--loss", "jacobian", "--out", str(again), "--cache-dir", str(tmp_path / "c")).returncode == 0
+    assert run("--smoke", "--loss", "jacobian", "--out", str(again),
+               "--cache-dir", str(tmp_path / "c")).returncode == 0
     repeat = json.loads(again.read_text())
     first = outputs["jacobian"][1]
     assert repeat["teacher"]["cached"] is False  # a fresh teacher, trained again from the seed
@@ -170,7 +177,8 @@ def write_mnist(root, name: str = "MNIST", sizes: tuple[int, int] = (120, 40), i
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in zip(("train", "t10k"), sizes):
-        write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), rng.integers(0, 256, (n, 28, 28)) if images is None else images[:n])
+        write_idx(str(raw / f"{prefix}-images-idx3-ubyte"),
+                  rng.integers(0, 256, (n, 28, 28)) if images is None else images[:n])
         write_idx(str(raw / f"{prefix}-labels-idx1-ubyte"), np.arange(n) % 10)
     return raw
 
@@ -208,12 +216,15 @@ def assert_clean_failure(proc, out, *words):
     (["--teacher-config", "rA"], ["carries the label"]),
     (["--spurious-frac", "1.5"], ["--spurious-frac", "[0, 1]"]),
     (["--data", "mnist"], ["--data-root"]),
-    (["--data", "mnist", "--data-root", "/nonexistent/mnist"], ["/nonexistent/mnist", "--download"]),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], ["--device"]),
+    (["--data", "mnist", "--data-root", "/nonexistent/mnist"],
+     ["/nonexistent/mnist", "--download"]),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
+     ["--device"]),
 ])
 def test_bad_flags_fail_cleanly(tmp_path, args, words):
     out = tmp_path / "r.json"
-    assert_clean_failure(run("--smoke", *args, "--out", str(out), "--cache-dir", str(tmp_path / "c")), out, *words)
+    assert_clean_failure(run("--smoke", *args, "--out", str(out),
+                             "--cache-dir", str(tmp_path / "c")), out, *words)
 
 
 @pytest.mark.slow
@@ -243,12 +254,14 @@ def test_corrupt_or_mismatched_teacher_cache_fails_cleanly(smoke_runs, tmp_path)
     key = weights[0][:-3]
     (cache / f"{key}.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "r.json"
-    assert_clean_failure(run("--smoke", "--out", str(out), "--cache-dir", str(cache)), out, "corrupt", "--retrain-teacher")
+    assert_clean_failure(run("--smoke", "--out", str(out), "--cache-dir", str(cache)), out,
+                         "corrupt", "--retrain-teacher")
     # weights saved with a key that is not the file's
     saved = torch.load(folder / "cache" / f"{key}.pt", weights_only=True)
     saved["key"]["settings"]["seed"] = 99
     torch.save(saved, cache / f"{key}.pt")
-    assert_clean_failure(run("--smoke", "--out", str(out), "--cache-dir", str(cache)), out, "another configuration")
+    assert_clean_failure(run("--smoke", "--out", str(out), "--cache-dir", str(cache)), out,
+                         "another configuration")
     # --retrain-teacher repairs it
     proc = run("--smoke", "--retrain-teacher", "--out", str(out), "--cache-dir", str(cache))
     assert proc.returncode == 0 and json.loads(out.read_text())["teacher"]["cached"] is False
@@ -273,8 +286,10 @@ def test_sigterm_is_an_interrupt_not_a_traceback(tmp_path):
 def test_explicit_jacobian_method_with_a_resnet_fails_before_training(tmp_path):
     r = run("--smoke", "--loss", "jacobian", "--arch", "resnet18", "--jacobian-method", "explicit",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json"))
-    assert r.returncode == 2 and "explicit needs --arch cnn or lenet" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "r.json").exists()  # no teacher was trained
+    assert r.returncode == 2 and "explicit needs --arch cnn or lenet" in r.stderr and \
+        "Traceback" not in r.stderr
+    # no teacher was trained
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r.json").exists()
 
 
 def test_the_student_architecture_can_differ_from_the_teachers():
@@ -291,7 +306,8 @@ def test_each_mixture_loss_takes_its_own_default_weight_and_t2_stays_with_plain_
     for loss in ("jacobian", "contrastive"):
         args = cm.parse_args(["--loss", loss])
         distill_cfg = cm.harness.settings_from_flags(args, cm.TEACHER, cm.DISTILL)[1]
-        assert args.alpha == distill_cfg.alpha == cm.ALPHA[loss]  # the JSON's config records the weight used
+        # the JSON's config records the weight used
+        assert args.alpha == distill_cfg.alpha == cm.ALPHA[loss]
         assert distill_cfg.t2 and not distill_cfg.mixture_t2
     assert cm.parse_args(["--loss", "kl"]).alpha is None  # plain KL has no second term
     args = cm.parse_args(["--loss", "contrastive", "--alpha", "0.2", "--mixture-t2", "--no-t2"])

@@ -1,6 +1,7 @@
-"""Guards that stop a meaningless run (a teacher at chance, a non-finite model), the flag on a student
-that never fit its data, strict JSON, provenance, the teacher cache's safety and the bad inputs
-found by probing. Each failure must be one `error:` line, exit 2, no result and nothing cached."""
+"""Guards that stop a meaningless run (a teacher at chance, a non-finite model), the flag on a
+student that never fit its data, strict JSON, provenance, the teacher cache's safety and the bad
+inputs found by probing. Each failure must be one `error:` line, exit 2, no result and nothing
+cached."""
 import argparse
 import dataclasses
 import errno
@@ -25,11 +26,13 @@ from test_cifar_patch import write_cifar  # noqa: E402
 from test_colored_mnist import write_idx, write_mnist  # noqa: E402
 from test_waterbirds import write_folder  # noqa: E402
 
-SCRIPTS = {"colored_mnist": exp_colored_mnist, "waterbirds": exp_waterbirds, "cifar_patch": exp_cifar_patch}
+SCRIPTS = {"colored_mnist": exp_colored_mnist, "waterbirds": exp_waterbirds,
+           "cifar_patch": exp_cifar_patch}
 
 
 def run_main(module, argv, monkeypatch, capsys):
-    """The command-line path (harness.run_cli around main) in-process: (exit code, stdout, stderr)."""
+    """The command-line path (harness.run_cli around main) in-process: (exit code, stdout,
+    stderr)."""
     monkeypatch.setattr(sys, "argv", [module.__name__ + ".py"] + [str(a) for a in argv])
     with pytest.raises(SystemExit) as info:
         harness.run_cli(module.main)
@@ -54,16 +57,18 @@ def cached_teachers(cache):
 
 def test_a_teacher_at_chance_stops_before_distilling(tmp_path, monkeypatch, capsys):
     out, cache = tmp_path / "r.json", tmp_path / "cache"
-    code, stdout, err = run_main(exp_colored_mnist, ["--teacher-steps", "1", "--steps", "1", "--n-train", "300",
-                                                     "--out", out, "--cache-dir", cache], monkeypatch, capsys)
+    code, stdout, err = run_main(exp_colored_mnist,
+                                 ["--teacher-steps", "1", "--steps", "1", "--n-train", "300",
+                                  "--out", out, "--cache-dir", cache], monkeypatch, capsys)
     assert_one_error(code, err, "teacher reaches only", "floor 0.550", "--teacher-min-acc")
     assert "student (" not in stdout and not out.exists() and cached_teachers(cache) == []
 
 
 def test_the_floor_is_a_flag(tmp_path, monkeypatch, capsys):
     out, cache = tmp_path / "r.json", tmp_path / "cache"
-    code, _, err = run_main(exp_colored_mnist, ["--teacher-steps", "1", "--steps", "1", "--n-train", "300",
-                                                "--teacher-min-acc", "0", "--out", out, "--cache-dir", cache],
+    code, _, err = run_main(exp_colored_mnist,
+                            ["--teacher-steps", "1", "--steps", "1", "--n-train", "300",
+                             "--teacher-min-acc", "0", "--out", out, "--cache-dir", cache],
                             monkeypatch, capsys)
     assert code == 0, err
     result = json.loads(out.read_text())
@@ -76,18 +81,21 @@ def spoil(model):
     return model
 
 
-def test_a_teacher_that_turns_nan_on_its_last_step_is_neither_cached_nor_used(tmp_path, monkeypatch, capsys):
+def test_a_teacher_that_turns_nan_on_its_last_step_is_neither_cached_nor_used(tmp_path, monkeypatch,
+                                                                               capsys):
     train = common.train_teacher
     monkeypatch.setattr(harness, "train_teacher", lambda *a, **k: spoil(train(*a, **k)))
     out, cache = tmp_path / "r.json", tmp_path / "cache"
-    code, _, err = run_main(exp_colored_mnist, ["--smoke", "--out", out, "--cache-dir", cache], monkeypatch, capsys)
+    code, _, err = run_main(exp_colored_mnist, ["--smoke", "--out", out, "--cache-dir", cache],
+                            monkeypatch, capsys)
     assert_one_error(code, err, "teacher has non-finite values", "--teacher-lr")
     assert not out.exists() and cached_teachers(cache) == []
 
 
 def test_a_teacher_that_fails_once_is_trained_again_from_a_new_start(tmp_path, monkeypatch, capsys):
     """A teacher that never leaves chance (or turns non-finite) on its first training gets a new
-    initialisation and batch order; the run goes on and the result says how many attempts it took."""
+    initialisation and batch order; the run goes on and the result says how many attempts it
+    took."""
     train, seeds = common.train_teacher, []
 
     def first_fails(model, data, cfg, device):
@@ -96,10 +104,12 @@ def test_a_teacher_that_fails_once_is_trained_again_from_a_new_start(tmp_path, m
         return spoil(trained) if len(seeds) == 1 else trained
     monkeypatch.setattr(harness, "train_teacher", first_fails)
     out, cache = tmp_path / "r.json", tmp_path / "cache"
-    code, stdout, err = run_main(exp_colored_mnist, ["--smoke", "--out", out, "--cache-dir", cache], monkeypatch, capsys)
+    code, stdout, err = run_main(exp_colored_mnist, ["--smoke", "--out", out, "--cache-dir", cache],
+                                 monkeypatch, capsys)
     assert code == 0, err
     assert seeds == [0, 1000] and "training again from a new initialisation" in stdout
-    assert json.loads(out.read_text())["teacher"]["attempts"] == 2 and len(cached_teachers(cache)) == 1
+    assert json.loads(out.read_text())["teacher"]["attempts"] == 2 and \
+        len(cached_teachers(cache)) == 1
 
 
 @pytest.mark.slow
@@ -127,12 +137,15 @@ def test_a_student_that_turns_nan_on_its_last_step_writes_nothing(tmp_path, monk
         return run
     monkeypatch.setattr(common, "distill", nan_on_last_step)
     out = tmp_path / "r.json"
-    code, _, err = run_main(exp_cifar_patch, ["--smoke", "--out", out, "--cache-dir", tmp_path / "c"], monkeypatch, capsys)
+    code, _, err = run_main(exp_cifar_patch,
+                            ["--smoke", "--out", out, "--cache-dir", tmp_path / "c"],
+                            monkeypatch, capsys)
     assert_one_error(code, err, "student has non-finite values", "--lr")
     assert not out.exists()
 
 
-# ----------------------------------------------------------------------------- the student's fit, strict JSON, provenance
+# -----------------------------------------------------------------------------
+# the student's fit, strict JSON, provenance
 
 def test_student_fit_uses_accuracy_or_agreement():
     torch.manual_seed(0)
@@ -140,17 +153,22 @@ def test_student_fit_uses_accuracy_or_agreement():
     x = torch.rand(64, 3, 8, 8)
     y = common.predict(teacher, x).argmax(1)
     data = common.TensorSet(x, (y + 1) % 4)  # labels the teacher never gives
-    args = lambda loss: type("Args", (), {"loss": loss, "student_config": "IA", "student_min_fit": 0.9})  # noqa: E731
-    fit = harness.student_fit(args("kl"), common.predict(teacher, x), teacher, data)  # a perfect imitator of its teacher
+    args = lambda loss: type("Args", (), {"loss": loss, "student_config": "IA",  # noqa: E731
+                                          "student_min_fit": 0.9})
+    # a perfect imitator of its teacher
+    fit = harness.student_fit(args("kl"), common.predict(teacher, x), teacher, data)
     assert fit["acc"] == 0 and fit["agreement"] == 1 and fit["ok"]
-    fit = harness.student_fit(args("ce"), common.predict(teacher, x), teacher, data)  # a label-trained student is judged on labels
+    # a label-trained student is judged on labels
+    fit = harness.student_fit(args("ce"), common.predict(teacher, x), teacher, data)
     assert fit["fit"] == 0 and not fit["ok"]
 
 
 @pytest.mark.slow
 def test_a_student_that_did_not_fit_is_flagged_in_json_and_table(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
-    code, stdout, err = run_main(exp_waterbirds, ["--smoke", "--steps", "1", "--out", out, "--cache-dir", tmp_path / "c"],
+    code, stdout, err = run_main(exp_waterbirds,
+                                 ["--smoke", "--steps", "1", "--out", out,
+                                  "--cache-dir", tmp_path / "c"],
                                  monkeypatch, capsys)
     assert code == 0, err
     result = json.loads(out.read_text())
@@ -161,7 +179,8 @@ def test_a_student_that_did_not_fit_is_flagged_in_json_and_table(tmp_path, monke
 
 def test_result_json_is_strict(tmp_path):
     path = tmp_path / "r.json"
-    harness.write_result(str(path), {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}})
+    harness.write_result(str(path), {"a": float("nan"), "b": [1.0, float("inf")],
+                                     "c": {"d": -float("inf"), "e": 2}})
 
     def refuse(name):
         raise ValueError(f"bare {name}")
@@ -177,23 +196,27 @@ def test_provenance_and_a_cache_key_that_follows_the_data(tmp_path, monkeypatch,
     write_mnist(tmp_path / "other", images=np.full((120, 28, 28), 200))  # other images: another one
     for copy in ("one", "two", "other"):
         out = tmp_path / f"{copy}.json"
-        code, stdout, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path / copy,
-                                                         "--out", out, "--cache-dir", tmp_path / "cache"],
+        code, stdout, err = run_main(exp_colored_mnist,
+                                     ["--smoke", "--data", "mnist", "--data-root", tmp_path / copy,
+                                      "--out", out, "--cache-dir", tmp_path / "cache"],
                                      monkeypatch, capsys)
         assert code == 0, err
         loaded.append("loaded from cache" in stdout)
         result = json.loads(out.read_text())
         prov = result["provenance"]
         keys.append(prov["teacher_cache_key"])
-        assert prov["test_seed"] == common.TEST_SEED and prov["data_version"] == exp_colored_mnist.DATA_VERSION
-        assert prov["torch"] == torch.__version__ and prov["numpy"] == np.__version__ and prov["scikit-learn"]
+        assert prov["test_seed"] == harness.TEST_SEED and \
+            prov["data_version"] == exp_colored_mnist.DATA_VERSION
+        assert prov["torch"] == torch.__version__ and prov["numpy"] == np.__version__ and \
+            prov["scikit-learn"]
         assert prov["commit"] is None or len(prov["commit"]) == 40
         assert "--data-root" in prov["argv"]
     assert keys[0] == keys[1] != keys[2] and loaded == [False, True, False]
     assert len(cached_teachers(tmp_path / "cache")) == 2
 
 
-# ----------------------------------------------------------------------------- bad input, before any training
+# -----------------------------------------------------------------------------
+# bad input, before any training
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 @pytest.mark.parametrize("argv, words", [
@@ -211,22 +234,27 @@ def test_provenance_and_a_cache_key_that_follows_the_data(tmp_path, monkeypatch,
 def test_bad_input_is_one_line_before_training(script, argv, words, tmp_path, monkeypatch, capsys):
     (tmp_path / "outdir").mkdir()
     (tmp_path / "afile").write_text("")
-    argv = [a.replace("OUTDIR", str(tmp_path / "outdir")).replace("AFILE", str(tmp_path / "afile")) for a in argv]
+    argv = [a.replace("OUTDIR", str(tmp_path / "outdir")).replace("AFILE", str(tmp_path / "afile"))
+            for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "r.json")]
     if "--cache-dir" not in argv:
         argv += ["--cache-dir", str(tmp_path / "cache")]
-    monkeypatch.setattr(harness, "train_teacher", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(harness, "train_teacher",
+                        lambda *a, **k: pytest.fail("trained before the check"))
     code, _, err = run_main(SCRIPTS[script], ["--smoke"] + argv, monkeypatch, capsys)
     assert_one_error(code, err, *words)
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "outdir" / "r.json").exists()
 
 
 def test_an_image_size_too_large_is_refused(tmp_path, monkeypatch, capsys):
-    code, _, err = run_main(exp_waterbirds, ["--image-size", "100000000", "--out", tmp_path / "r.json"],
+    code, _, err = run_main(exp_waterbirds,
+                            ["--image-size", "100000000", "--out", tmp_path / "r.json"],
                             monkeypatch, capsys)
     assert_one_error(code, err, "--image-size")
-    code, _, err = run_main(exp_waterbirds, ["--image-size", "512", "--n-train", "100000000", "--out", tmp_path / "r.json"],
+    code, _, err = run_main(exp_waterbirds,
+                            ["--image-size", "512", "--n-train", "100000000",
+                             "--out", tmp_path / "r.json"],
                             monkeypatch, capsys)
     assert_one_error(code, err, "GiB of memory")
 
@@ -234,8 +262,10 @@ def test_an_image_size_too_large_is_refused(tmp_path, monkeypatch, capsys):
 def test_a_real_waterbirds_test_split_without_every_group_is_refused(tmp_path, monkeypatch, capsys):
     write_folder(tmp_path / "wb")
     cache = tmp_path / "cache"
-    code, _, err = run_main(exp_waterbirds, ["--data", "waterbirds", "--data-root", tmp_path / "wb", "--n-test", "1",
-                                             "--smoke", "--out", tmp_path / "r.json", "--cache-dir", cache],
+    code, _, err = run_main(exp_waterbirds,
+                            ["--data", "waterbirds", "--data-root", tmp_path / "wb",
+                             "--n-test", "1", "--smoke", "--out", tmp_path / "r.json",
+                             "--cache-dir", cache],
                             monkeypatch, capsys)
     assert_one_error(code, err, "lacks group", "--n-test")
     assert cached_teachers(cache) == []
@@ -243,31 +273,37 @@ def test_a_real_waterbirds_test_split_without_every_group_is_refused(tmp_path, m
 
 def test_garbage_mnist_files_are_one_error_line(tmp_path, monkeypatch, capsys):
     raw = write_mnist(tmp_path, sizes=(60, 20))
-    for name in os.listdir(raw):  # torchvision's reader fails on these with an AssertionError without a message
+    # torchvision's reader fails on these with an AssertionError without a message
+    for name in os.listdir(raw):
         (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
-    code, _, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path,
-                                                "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
+    code, _, err = run_main(exp_colored_mnist,
+                            ["--smoke", "--data", "mnist", "--data-root", tmp_path,
+                             "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
                             monkeypatch, capsys)
     assert_one_error(code, err, "cannot read MNIST")
-    code, _, err = run_main(exp_cifar_patch, ["--smoke", "--dominoes", "--teacher-config", "IB", "--domino-data", "mnist",
-                                              "--data-root", tmp_path, "--out", tmp_path / "r.json",
-                                              "--cache-dir", tmp_path / "c"], monkeypatch, capsys)
+    code, _, err = run_main(exp_cifar_patch,
+                            ["--smoke", "--dominoes", "--teacher-config", "IB",
+                             "--domino-data", "mnist", "--data-root", tmp_path,
+                             "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
+                            monkeypatch, capsys)
     assert_one_error(code, err, "cannot read MNIST")
 
 
 def test_mnist_labels_out_of_range_are_refused(tmp_path, monkeypatch, capsys):
     raw = write_mnist(tmp_path, sizes=(60, 20))
     write_idx(str(raw / "train-labels-idx1-ubyte"), np.arange(60) % 12)
-    code, _, err = run_main(exp_colored_mnist, ["--smoke", "--data", "mnist", "--data-root", tmp_path,
-                                                "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
+    code, _, err = run_main(exp_colored_mnist,
+                            ["--smoke", "--data", "mnist", "--data-root", tmp_path,
+                             "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
                             monkeypatch, capsys)
     assert_one_error(code, err, "labels must be 0..9")
 
 
 def test_cifar_batches_without_images_are_refused(tmp_path, monkeypatch, capsys):
     write_cifar(str(tmp_path), per_batch=0)
-    code, _, err = run_main(exp_cifar_patch, ["--smoke", "--data", "cifar10", "--data-root", tmp_path,
-                                              "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
+    code, _, err = run_main(exp_cifar_patch,
+                            ["--smoke", "--data", "cifar10", "--data-root", tmp_path,
+                             "--out", tmp_path / "r.json", "--cache-dir", tmp_path / "c"],
                             monkeypatch, capsys)
     assert_one_error(code, err, "0 images")
 
@@ -276,10 +312,10 @@ def test_cifar_batches_without_images_are_refused(tmp_path, monkeypatch, capsys)
 
 def tiny_run(tmp_path, **args):
     """A run of a tiny teacher (2 classes, 8x8 images), its build and its data."""
-    values = {"cache_dir": str(tmp_path / "cache"), "retrain_teacher": False, "teacher_min_acc": 0.0,
-              "smoke": False, "teacher_config": "I", **args}
-    settings = common.TeacherSettings(steps=2, batch_size=16, lr=0.01)
-    run = harness.Run("tiny", 1, argparse.Namespace(**values), settings, common.DistillSettings(),
+    values = {"cache_dir": str(tmp_path / "cache"), "retrain_teacher": False,
+              "teacher_min_acc": 0.0, "smoke": False, "teacher_config": "I", **args}
+    settings = harness.TeacherSettings(steps=2, batch_size=16, lr=0.01)
+    run = harness.Run("tiny", 1, argparse.Namespace(**values), settings, harness.DistillSettings(),
                       torch.device("cpu"), str(tmp_path / "r.json"), 0.0)
     data = common.TensorSet(torch.rand(32, 3, 8, 8), torch.arange(32) % 2)
     return run, (lambda: common.SmallCNN(3, 2, 4)), data
@@ -290,7 +326,8 @@ def test_a_read_only_cache_serves_the_teachers_it_holds(tmp_path, monkeypatch):
     teacher = harness.get_teacher(run, build, data, data, log=lambda m: None)
     assert not teacher.record["cached"] and teacher.record["attempts"] == 1
     before = sorted(os.listdir(run.args.cache_dir))
-    monkeypatch.setattr(harness, "prepare_cache", lambda folder: False)  # what a read-only folder answers
+    # what a read-only folder answers
+    monkeypatch.setattr(harness, "prepare_cache", lambda folder: False)
     again = harness.get_teacher(run, build, data, data, log=lambda m: None)
     assert again.record["cached"] and again.record["attempts"] == 0
     assert all(torch.equal(a, b) for a, b in zip(teacher.model.state_dict().values(),
@@ -313,7 +350,8 @@ def test_a_full_disk_leaves_no_half_written_teacher(tmp_path, monkeypatch):
     teacher = harness.get_teacher(run, build, data, data, log=logged.append)
     assert not teacher.record["cached"] and any("could not be cached" in line for line in logged)
     cache = run.args.cache_dir
-    assert [f for f in os.listdir(cache) if not f.endswith(".lock")] == []  # no .pt, .json or temporary file
+    # no .pt, .json or temporary file
+    assert [f for f in os.listdir(cache) if not f.endswith(".lock")] == []
     monkeypatch.setattr(torch, "save", save)
     again = harness.get_teacher(run, build, data, data, log=lambda m: None)
     assert not again.record["cached"] and len(cached_teachers(cache)) == 1  # the next run caches it
@@ -334,8 +372,11 @@ def test_the_cache_key_follows_the_training_data_and_the_settings(tmp_path):
     key = harness.get_teacher(run, build, data, data, log=lambda m: None).record["cache_key"]
     same = harness.get_teacher(run, build, common.TensorSet(data.x.clone(), data.y.clone()), data,
                                log=lambda m: None)
-    assert same.record["cached"] and same.record["cache_key"] == key  # the same bytes: the same teacher
+    # the same bytes: the same teacher
+    assert same.record["cached"] and same.record["cache_key"] == key
     moved = common.TensorSet(data.x + 1e-3, data.y)
-    assert harness.get_teacher(run, build, moved, data, log=lambda m: None).record["cache_key"] != key
+    assert harness.get_teacher(run, build, moved, data,
+                               log=lambda m: None).record["cache_key"] != key
     longer = run._replace(teacher=dataclasses.replace(run.teacher, steps=3))
-    assert harness.get_teacher(longer, build, data, data, log=lambda m: None).record["cache_key"] != key
+    assert harness.get_teacher(longer, build, data, data,
+                               log=lambda m: None).record["cache_key"] != key

@@ -1,4 +1,5 @@
-"""The losses and metrics of common.py, and the objective that training uses, against naive or hand computations."""
+"""The losses and metrics of common.py, and the objective that training uses, against naive or
+hand computations."""
 import copy
 import math
 
@@ -9,13 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 
 
 def naive_jacobian(model, x, create_graph):
     """d logits / d x per sample, one autograd call per class: [B, C, D]."""
     x = x.clone().requires_grad_(True)
     logits = model(x)
-    rows = [torch.autograd.grad(logits[:, c].sum(), x, create_graph=create_graph, retain_graph=True)[0]
+    rows = [torch.autograd.grad(logits[:, c].sum(), x, create_graph=create_graph,
+                                retain_graph=True)[0]
             for c in range(logits.shape[1])]
     return torch.stack(rows, 1).flatten(2)
 
@@ -39,7 +42,8 @@ def grads(loss, module):
 
 
 class TanhMLP(nn.Module):
-    """A model without convolutions or ReLU, with the interface distillation needs (features, classifier)."""
+    """A model without convolutions or ReLU, with the interface distillation needs (features,
+    classifier)."""
 
     def __init__(self):
         super().__init__()
@@ -75,7 +79,8 @@ def training_objective(student, teacher, train_x, idx, cfg, max_bytes=2e9, gener
     targets = common.teacher_targets(teacher, train_x, ("logits", "jacobian"), top_k=top_k,
                                      method=cfg.jacobian_method, max_bytes=max_bytes)
     objective = common.distillation_objective(student, teacher, targets, cfg, generator=generator)
-    return common.total_loss(objective(train_x[idx], torch.zeros(len(idx), dtype=torch.long), idx)), targets
+    return common.total_loss(objective(train_x[idx], torch.zeros(len(idx), dtype=torch.long),
+                                       idx)), targets
 
 
 def assert_same_loss_and_student_grads(got, expected, student):
@@ -94,16 +99,19 @@ def inputs(pair, n=8):
 IDX = torch.tensor([5, 1, 6, 2])  # a batch is a set of rows of the training set, in any order
 
 
-@pytest.mark.parametrize("method,pair", [(m, p) for m in ("loop", "batched", "vmap", "auto") for p in range(2)]
+@pytest.mark.parametrize("method,pair",
+                         [(m, p) for m in ("loop", "batched", "vmap", "auto") for p in range(2)]
                          + [("explicit", 0)])
 def test_training_objective_matches_naive_per_class_reference(method, pair):
     student, teacher = models()[pair]
     train_x = inputs(pair)
-    cfg = common.DistillSettings(loss="jacobian", alpha=0.3, temperature=2.0, jacobian_method=method)
+    cfg = harness.DistillSettings(loss="jacobian", alpha=0.3, temperature=2.0,
+                                 jacobian_method=method)
     got, targets = training_objective(student, teacher, train_x, IDX, cfg)
     assert "jacobian" in targets  # precomputed once, as in training
     x = train_x[IDX]
-    expected = 0.7 * naive_kl(student(x), teacher(x), 2.0, t2=False) + 0.3 * naive_loss(student, teacher, x)
+    expected = 0.7 * naive_kl(student(x), teacher(x), 2.0, t2=False) + \
+        0.3 * naive_loss(student, teacher, x)
     assert_same_loss_and_student_grads(got, expected, student)
 
 
@@ -114,22 +122,26 @@ def test_t2_scales_plain_kl_and_a_mixture_only_when_asked(loss, t2, mixture_t2):
     the mixture's KL term carries it only with mixture_t2."""
     student, teacher = models()[0]
     train_x = inputs(0)
-    cfg = common.DistillSettings(loss=loss, alpha=0.3, temperature=3.0, t2=t2, mixture_t2=mixture_t2)
+    cfg = harness.DistillSettings(loss=loss, alpha=0.3, temperature=3.0, t2=t2,
+                                 mixture_t2=mixture_t2)
     targets = common.teacher_targets(teacher, train_x, common.LOSSES[loss].needs, method="loop")
-    heads = common.ContrastiveHeads(student.features(train_x[:1]).shape[1], targets["features"].shape[1], 8) \
+    heads = common.ContrastiveHeads(student.features(train_x[:1]).shape[1],
+                                    targets["features"].shape[1], 8) \
         if loss == "contrastive" else None
-    terms = common.distillation_objective(student, teacher, targets, cfg, heads)(train_x[IDX], torch.zeros(4).long(), IDX)
+    terms = common.distillation_objective(student, teacher, targets, cfg, heads)(
+        train_x[IDX], torch.zeros(4).long(), IDX)
     x = train_x[IDX]
     weight, value = terms["kl"]
     assert weight == pytest.approx(1.0 if loss == "kl" else 0.7)
     expected_t2 = t2 if loss == "kl" else mixture_t2
-    assert value.item() == pytest.approx(naive_kl(student(x), teacher(x), 3.0, t2=expected_t2).item(), rel=1e-5)
+    assert value.item() == pytest.approx(
+        naive_kl(student(x), teacher(x), 3.0, t2=expected_t2).item(), rel=1e-5)
 
 
 def test_teacher_jacobians_too_large_to_precompute_are_computed_per_batch():
     student, teacher = models()[0]
     train_x = inputs(0)
-    cfg = common.DistillSettings(loss="jacobian", alpha=1.0)
+    cfg = harness.DistillSettings(loss="jacobian", alpha=1.0)
     got, targets = training_objective(student, teacher, train_x, IDX, cfg, max_bytes=0)
     assert "jacobian" not in targets
     assert_same_loss_and_student_grads(got, naive_loss(student, teacher, train_x[IDX]), student)
@@ -139,11 +151,12 @@ def test_training_objective_top_k_matches_naive_rows():
     student, teacher = models()[0]
     train_x = inputs(0)
     x = train_x[IDX]
-    cfg = common.DistillSettings(loss="jacobian", alpha=1.0, top_k=3)
+    cfg = harness.DistillSettings(loss="jacobian", alpha=1.0, top_k=3)
     got, _ = training_objective(student, teacher, train_x, IDX, cfg)
     expected = naive_loss(student, teacher, x, rows=teacher(x).topk(3, dim=1).indices)
     assert_same_loss_and_student_grads(got, expected, student)
-    all_rows, _ = training_objective(student, teacher, train_x, IDX, common.DistillSettings(loss="jacobian", alpha=1.0))
+    all_rows, _ = training_objective(student, teacher, train_x, IDX,
+                                     harness.DistillSettings(loss="jacobian", alpha=1.0))
     assert got.item() != pytest.approx(all_rows.item(), abs=1e-4)
 
 
@@ -151,9 +164,12 @@ def test_training_objective_projection_matches_naive_projected_rows():
     student, teacher = models()[0]
     train_x = inputs(0)
     x = train_x[IDX]
-    cfg = common.DistillSettings(loss="jacobian", alpha=1.0, jacobian_estimator="projection", projections=2)
-    got, _ = training_objective(student, teacher, train_x, IDX, cfg, generator=torch.Generator().manual_seed(7))
-    v = common.projection_selectors(2, len(x), 7, torch.device("cpu"), torch.Generator().manual_seed(7))
+    cfg = harness.DistillSettings(loss="jacobian", alpha=1.0, jacobian_estimator="projection",
+                                 projections=2)
+    got, _ = training_objective(student, teacher, train_x, IDX, cfg,
+                                generator=torch.Generator().manual_seed(7))
+    v = common.projection_selectors(2, len(x), 7, torch.device("cpu"),
+                                    torch.Generator().manual_seed(7))
     js = torch.einsum("kbc,bcd->bkd", v, naive_jacobian(student, x, True))
     jt = torch.einsum("kbc,bcd->bkd", v, naive_jacobian(teacher, x, False)).detach()
     assert_same_loss_and_student_grads(got, common.jacobian_distance(js, jt), student)
@@ -164,7 +180,8 @@ def test_jacobian_term_is_zero_for_a_copy_of_the_teacher():
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(True)
-    loss, _ = training_objective(student, teacher, inputs(0), IDX, common.DistillSettings(loss="jacobian", alpha=1.0))
+    loss, _ = training_objective(student, teacher, inputs(0), IDX,
+                                 harness.DistillSettings(loss="jacobian", alpha=1.0))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert all(torch.isfinite(g).all() for g in grads(loss, student))  # no NaN from the norm at 0
 
@@ -176,22 +193,27 @@ def test_explicit_backward_pass_matches_autograd(arch, size):
     torch.manual_seed(3)
     model = common.build_model(arch, 3, 5, 4, (size, size))
     x = torch.rand(4, 3, size, size)
-    sel = common.projection_selectors(3, 4, 5, torch.device("cpu"), torch.Generator().manual_seed(0))
+    sel = common.projection_selectors(3, 4, 5, torch.device("cpu"),
+                                      torch.Generator().manual_seed(0))
     logits_auto, rows_auto = common.input_jacobian(model, x, sel, create_graph=True, method="loop")
-    logits_expl, rows_expl = common.input_jacobian(model, x, sel, create_graph=True, method="explicit")
+    logits_expl, rows_expl = common.input_jacobian(model, x, sel, create_graph=True,
+                                                   method="explicit")
     assert torch.allclose(logits_expl, logits_auto, atol=1e-6)
     assert torch.allclose(rows_expl, rows_auto, atol=1e-6, rtol=1e-5)
     target = torch.randn_like(rows_auto)
-    for g_expl, g_auto in zip(grads((rows_expl * target).sum(), model), grads((rows_auto * target).sum(), model)):
+    for g_expl, g_auto in zip(grads((rows_expl * target).sum(), model),
+                              grads((rows_auto * target).sum(), model)):
         assert torch.allclose(g_expl, g_auto, atol=1e-5, rtol=1e-4)
     _, rows_nograd = common.input_jacobian(model, x, sel, create_graph=False, method="explicit")
-    assert not rows_nograd.requires_grad and torch.allclose(rows_nograd, rows_auto, atol=1e-6, rtol=1e-5)
+    assert not rows_nograd.requires_grad and \
+        torch.allclose(rows_nograd, rows_auto, atol=1e-6, rtol=1e-5)
 
 
 def test_explicit_method_needs_the_small_cnn():
     student, _ = models()[1]  # the MLP has no input_vjp
     with pytest.raises(common.UserError, match="explicit needs the small CNN"):
-        common.input_jacobian(student, torch.rand(2, 2, 5, 5), common.class_selectors(7, 2, torch.device("cpu")),
+        common.input_jacobian(student, torch.rand(2, 2, 5, 5),
+                              common.class_selectors(7, 2, torch.device("cpu")),
                               create_graph=True, method="explicit")
     assert common.default_jacobian_method(torch.device("cpu"), student) == "loop"
     assert common.default_jacobian_method(torch.device("cpu"), models()[0][0]) == "explicit"
@@ -205,7 +227,8 @@ def test_projected_rows_are_projections_of_the_full_jacobian():
     _, rows = common.input_jacobian(student, x, v, create_graph=False)
     assert torch.allclose(rows, torch.einsum("kbc,bcd->bkd", v, full), atol=1e-5)
     # E ||V J||^2 = ||J||^2 with the 1/sqrt(K) scaling: check on many draws
-    v = common.projection_selectors(2000, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(2))
+    v = common.projection_selectors(2000, 3, 7, torch.device("cpu"),
+                                    torch.Generator().manual_seed(2))
     ratio = torch.einsum("kbc,bcd->bkd", v, full).pow(2).sum((1, 2)) / full.pow(2).sum((1, 2))
     assert torch.allclose(ratio, torch.ones(3), atol=0.1)
 
@@ -232,7 +255,8 @@ def test_info_nce_lower_for_aligned_features():
         heads.student.weight.copy_(torch.eye(16)), heads.teacher.weight.copy_(torch.eye(16))
         heads.student.bias.zero_(), heads.teacher.bias.zero_()
     teacher_features = torch.randn(32, 16)
-    aligned = common.info_nce(teacher_features + 0.01 * torch.randn(32, 16), teacher_features, heads)
+    aligned = common.info_nce(teacher_features + 0.01 * torch.randn(32, 16), teacher_features,
+                              heads)
     shuffled = common.info_nce(teacher_features[torch.randperm(32)], teacher_features, heads)
     assert aligned.item() < 0.5 * shuffled.item()
     assert aligned.item() >= 0.0
@@ -250,13 +274,16 @@ def test_info_nce_same_class_negatives_by_hand():
     zt = F.normalize(heads.teacher(ft), dim=1)
     sim = (zs @ zt.t() / 0.1).detach()
     by_hand = 0.0
-    for i in range(4):  # each direction: softmax of the positive against the same-label samples only
+    # each direction: softmax of the positive against the same-label samples only
+    for i in range(4):
         same = (labels == labels[i]).nonzero().flatten()
-        by_hand += 0.5 * (-(sim[i, i] - torch.logsumexp(sim[i, same], 0)) - (sim[i, i] - torch.logsumexp(sim[same, i], 0)))
+        by_hand += 0.5 * (-(sim[i, i] - torch.logsumexp(sim[i, same], 0))
+                          - (sim[i, i] - torch.logsumexp(sim[same, i], 0)))
     got = common.info_nce(fs, ft, heads, 0.1, labels)
     assert got.item() == pytest.approx(by_hand.item() / 4, rel=1e-5)
+    # one class: every sample is a negative
     assert common.info_nce(fs, ft, heads, 0.1, torch.zeros(4)).item() == pytest.approx(
-        common.info_nce(fs, ft, heads, 0.1).item(), rel=1e-6)  # one class: every sample is a negative
+        common.info_nce(fs, ft, heads, 0.1).item(), rel=1e-6)
     alone = common.info_nce(fs, ft, heads, 0.1, torch.arange(4))  # no negatives at all: log 1
     assert alone.item() == pytest.approx(0.0, abs=1e-6)
     alone.backward()  # and no NaN from the masked entries
@@ -264,21 +291,26 @@ def test_info_nce_same_class_negatives_by_hand():
 
 
 def test_info_nce_bank_negatives_by_hand():
-    """Bank features are extra negatives for each student sample; the other direction stays in-batch."""
+    """Bank features are extra negatives for each student sample; the other direction stays
+    in-batch."""
     torch.manual_seed(2)
     heads = common.ContrastiveHeads(6, 5, dim=4)
     fs, ft, bank = torch.randn(4, 6), torch.randn(4, 5), torch.randn(7, 5)
     zs = F.normalize(heads.student(fs), dim=1)
     zt = F.normalize(heads.teacher(torch.cat([ft, bank])), dim=1)
     sim = (zs @ zt.t() / 0.1).detach()
-    by_hand = sum(0.5 * (-(sim[i, i] - torch.logsumexp(sim[i], 0)) - (sim[i, i] - torch.logsumexp(sim[:4, i], 0)))
+    by_hand = sum(0.5 * (-(sim[i, i] - torch.logsumexp(sim[i], 0))
+                         - (sim[i, i] - torch.logsumexp(sim[:4, i], 0)))
                   for i in range(4)) / 4
-    assert common.info_nce(fs, ft, heads, 0.1, bank_features=bank).item() == pytest.approx(by_hand.item(), rel=1e-5)
-    assert common.info_nce(fs, ft, heads, 0.1, bank_features=bank).item() > common.info_nce(fs, ft, heads, 0.1).item()
+    assert common.info_nce(fs, ft, heads, 0.1, bank_features=bank).item() == \
+        pytest.approx(by_hand.item(), rel=1e-5)
+    assert common.info_nce(fs, ft, heads, 0.1, bank_features=bank).item() > \
+        common.info_nce(fs, ft, heads, 0.1).item()
 
 
 def test_dataset_negatives_come_from_outside_the_batch():
-    """The objective's bank holds other training rows than the batch's, at most contrastive_bank of them."""
+    """The objective's bank holds other training rows than the batch's, at most contrastive_bank
+    of them."""
     student, teacher = models()[0]
     train_x = inputs(0)
     seen = []
@@ -290,8 +322,10 @@ def test_dataset_negatives_come_from_outside_the_batch():
     targets = common.teacher_targets(teacher, train_x, ("logits", "features"), method="loop")
     heads = common.ContrastiveHeads(student.feature_dim, teacher.feature_dim, 8)
     for bank_size, expected in ((3, 3), (100, len(train_x) - len(IDX))):
-        cfg = common.DistillSettings(loss="contrastive", contrastive_negatives="dataset", contrastive_bank=bank_size)
-        objective = common.distillation_objective(student, teacher, targets, cfg, heads, torch.Generator().manual_seed(0))
+        cfg = harness.DistillSettings(loss="contrastive", contrastive_negatives="dataset",
+                                     contrastive_bank=bank_size)
+        objective = common.distillation_objective(student, teacher, targets, cfg, heads,
+                                                  torch.Generator().manual_seed(0))
         try:
             common.info_nce = spy
             objective(train_x[IDX], torch.zeros(4).long(), IDX)
@@ -311,7 +345,8 @@ def test_pair_metrics_by_hand():
     m = common.pair_metrics(student, teacher, y, group)
     assert m["acc"] == pytest.approx(0.25)          # only sample 0 is right
     assert m["agreement"] == pytest.approx(0.75)    # samples 0, 2, 3 agree with the teacher
-    hand_kl = np.mean([F.kl_div(F.log_softmax(s, 0), F.log_softmax(t, 0), log_target=True, reduction="sum").item()
+    hand_kl = np.mean([F.kl_div(F.log_softmax(s, 0), F.log_softmax(t, 0), log_target=True,
+                                reduction="sum").item()
                        for s, t in zip(student, teacher)])
     assert m["kl"] == pytest.approx(hand_kl, rel=1e-5)
     assert m["groups"] == {"0": 0.5, "1": 0.0}
@@ -344,7 +379,8 @@ def test_nan_loss_stops_with_a_message():
     teacher = common.freeze(common.SmallCNN(3, 10, 4))
     train = common.TensorSet(torch.rand(16, 3, 8, 8), torch.randint(10, (16,)))
     with pytest.raises(common.UserError, match="NaN|nan"):
-        common.distill(NaNNet(3, 10, 4), teacher, train, common.DistillSettings(loss="kl", steps=3, batch_size=8),
+        common.distill(NaNNet(3, 10, 4), teacher, train,
+                       harness.DistillSettings(loss="kl", steps=3, batch_size=8),
                        torch.device("cpu"))
 
 
@@ -362,8 +398,8 @@ def test_distill_keeps_teacher_frozen_and_trains_heads(monkeypatch):
     before = copy.deepcopy(teacher.state_dict())
     student = common.SmallCNN(3, 10, 4)
     train = common.TensorSet(torch.rand(32, 3, 8, 8), torch.randint(10, (32,)))
-    run = common.distill(student, teacher, train, common.DistillSettings(loss="contrastive", steps=4, batch_size=8, lr=1e-2),
-                         torch.device("cpu"))
+    settings = harness.DistillSettings(loss="contrastive", steps=4, batch_size=8, lr=1e-2)
+    run = common.distill(student, teacher, train, settings, torch.device("cpu"))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert len(created) == 1  # created once, not at every step
@@ -377,12 +413,15 @@ def test_curves_record_each_term_with_its_weight_value_and_gradient_norm():
     teacher = common.freeze(common.SmallCNN(3, 10, 4))
     student = common.SmallCNN(3, 10, 4)
     train = common.TensorSet(torch.rand(16, 3, 8, 8), torch.randint(10, (16,)))
-    cfg = common.DistillSettings(loss="jacobian", alpha=0.3, steps=2, batch_size=8, eval_every=2)
-    run = common.distill(student, teacher, train, cfg, torch.device("cpu"), test_sets={"all": train}, log=lambda m: None)
+    cfg = harness.DistillSettings(loss="jacobian", alpha=0.3, steps=2, batch_size=8, eval_every=2)
+    run = common.distill(student, teacher, train, cfg, torch.device("cpu"),
+                         test_sets={"all": train}, log=lambda m: None)
     terms = run["curves"][-1]["terms"]
     assert set(terms) == {"kl", "jacobian"}
-    assert terms["kl"]["weight"] == pytest.approx(0.7) and terms["jacobian"]["weight"] == pytest.approx(0.3)
-    assert run["curves"][-1]["loss"] == pytest.approx(0.7 * terms["kl"]["value"] + 0.3 * terms["jacobian"]["value"],
+    assert terms["kl"]["weight"] == pytest.approx(0.7) and \
+        terms["jacobian"]["weight"] == pytest.approx(0.3)
+    assert run["curves"][-1]["loss"] == pytest.approx(0.7 * terms["kl"]["value"]
+                                                      + 0.3 * terms["jacobian"]["value"],
                                                       rel=1e-5)
     assert all(t["grad_norm"] > 0 and math.isfinite(t["grad_norm"]) for t in terms.values())
 
@@ -390,13 +429,15 @@ def test_curves_record_each_term_with_its_weight_value_and_gradient_norm():
 def test_term_gradient_norms_by_hand():
     student, teacher = models()[0]
     train_x = inputs(0)
-    cfg = common.DistillSettings(loss="jacobian", alpha=0.3)
+    cfg = harness.DistillSettings(loss="jacobian", alpha=0.3)
     targets = common.teacher_targets(teacher, train_x, ("logits", "jacobian"))
     terms = common.distillation_objective(student, teacher, targets, cfg)(train_x[IDX], None, IDX)
     norms = common.term_grad_norms(terms, list(student.parameters()))
     for name, (weight, value) in terms.items():
-        by_hand = torch.cat([g.flatten() for g in torch.autograd.grad(weight * value, list(student.parameters()),
-                                                                      retain_graph=True, allow_unused=True)
+        by_hand = torch.cat([g.flatten()
+                             for g in torch.autograd.grad(weight * value,
+                                                          list(student.parameters()),
+                                                          retain_graph=True, allow_unused=True)
                              if g is not None]).norm().item()
         assert norms[name] == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
     common.total_loss(terms).backward()  # the graph is still there for the update

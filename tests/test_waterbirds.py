@@ -22,7 +22,8 @@ SCRIPT = os.path.join(ROOT, "exp_waterbirds.py")
 
 def run(args, tmp_path, name="out.json"):
     out = tmp_path / name
-    proc = subprocess.run([sys.executable, SCRIPT, *args, "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+    proc = subprocess.run([sys.executable, SCRIPT, *args, "--out", str(out),
+                           "--cache-dir", str(tmp_path / "cache")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     return proc, out
 
@@ -104,16 +105,18 @@ def write_folder(root, per_group=3, fmt="png"):
     for split in (0, 1, 2):
         for group in range(4):
             for i in range(per_group if split != 1 else 1):
-                name = f"{group:03d}.{['Land', 'Water'][group % 2]}/img_{split}_{i}.{fmt if i % 2 == 0 else 'jpg'}"
+                name = (f"{group:03d}.{['Land', 'Water'][group % 2]}/img_{split}_{i}."
+                        f"{fmt if i % 2 == 0 else 'jpg'}")
                 os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
                 Image.new("RGB", (40 + 10 * i, 30), COLOURS[group]).save(os.path.join(root, name))
-                rows.append({"img_id": len(rows), "img_filename": name, "y": group // 2, "split": split,
-                             "place": group % 2, "place_filename": "/x/y.jpg"})
+                rows.append({"img_id": len(rows), "img_filename": name, "y": group // 2,
+                             "split": split, "place": group % 2, "place_filename": "/x/y.jpg"})
     write_metadata(root, rows)
     return rows
 
 
-def write_metadata(root, rows, columns=("img_id", "img_filename", "y", "split", "place", "place_filename")):
+def write_metadata(root, rows,
+                   columns=("img_id", "img_filename", "y", "split", "place", "place_filename")):
     with open(os.path.join(root, "metadata.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
@@ -137,8 +140,8 @@ def test_real_loader_reads_groups_and_images(tmp_path):
 @pytest.mark.slow
 def test_real_folder_runs_end_to_end(tmp_path):
     write_folder(tmp_path / "wb")
-    proc, out = run(["--data", "waterbirds", "--data-root", str(tmp_path / "wb"), "--smoke", "--loss", "kl",
-                     "--image-size", "32"], tmp_path)
+    proc, out = run(["--data", "waterbirds", "--data-root", str(tmp_path / "wb"), "--smoke",
+                     "--loss", "kl", "--image-size", "32"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["test_sizes"] == {"IA": 6, "I+rA": 12, "minority": 6}
@@ -185,22 +188,26 @@ def test_bad_real_folder_from_the_command_line(tmp_path):
     root = tmp_path / "wb"
     write_folder(root)
     expected = _bad_missing_metadata(str(root))
-    proc, out = run(["--data", "waterbirds", "--data-root", str(root), "--smoke", "--loss", "kl"], tmp_path)
+    proc, out = run(["--data", "waterbirds", "--data-root", str(root), "--smoke", "--loss", "kl"],
+                    tmp_path)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert not out.exists()
 
 
-@pytest.mark.parametrize("spoil", [_bad_missing_column, _bad_split_code, _bad_missing_image, _bad_unreadable_image])
+@pytest.mark.parametrize("spoil", [_bad_missing_column, _bad_split_code, _bad_missing_image,
+                                   _bad_unreadable_image])
 def test_bad_real_folder_gives_one_error_line(tmp_path, spoil, monkeypatch, capsys):
-    """The same path as the command line (harness.run_cli around main), in-process to save start-up time."""
+    """The same path as the command line (harness.run_cli around main), in-process to save start-up
+    time."""
     root = tmp_path / "wb"
     write_folder(root)
     expected = spoil(str(root))
     out = tmp_path / "out.json"
-    monkeypatch.setattr(sys, "argv", ["exp_waterbirds.py", "--data", "waterbirds", "--data-root", str(root), "--smoke",
-                                      "--loss", "kl", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    monkeypatch.setattr(sys, "argv", ["exp_waterbirds.py", "--data", "waterbirds",
+                                      "--data-root", str(root), "--smoke", "--loss", "kl",
+                                      "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     with pytest.raises(SystemExit) as info:
         harness.run_cli(wb.main)
     assert info.value.code != 0
@@ -265,14 +272,16 @@ def test_smoke_run_writes_group_metrics(smoke_runs, loss):
             m = result[who]["eval"][name]
             assert m["worst_group_acc"] == min(m["groups"].values())
             assert m["avg_acc"] == pytest.approx(sum(m["groups"].values()) / len(m["groups"]))
-        assert set(result["student"]["eval"][name]["group_agreement"]) == set(result["student"]["eval"][name]["groups"])
+        assert (set(result["student"]["eval"][name]["group_agreement"])
+                == set(result["student"]["eval"][name]["groups"]))
     assert "worst" in stdout and "minority" in stdout
 
 
 @pytest.mark.slow
 def test_same_seed_same_numbers(smoke_runs):
     tmp, results = smoke_runs
-    proc, out = run(["--smoke", "--loss", "kl"], tmp / "again", "kl.json")  # fresh cache: the teacher is retrained
+    # fresh cache: the teacher is retrained
+    proc, out = run(["--smoke", "--loss", "kl"], tmp / "again", "kl.json")
     assert proc.returncode == 0, proc.stderr
     again = json.loads(out.read_text())
     first = results["kl"][1]
