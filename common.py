@@ -1,8 +1,7 @@
 """The science every experiment shares: configurations, models, losses, metrics and the training
-loops, which read the settings of teacher and student (`harness.TeacherSettings`,
-`harness.DistillSettings`, declared there with their flags). Each `exp_*.py` script builds its own
-data; the machinery around a run (command line, cache, result files) is in `harness.py`.
-`README.md` defines the vocabulary (mechanisms I/A/B, configurations such as `I+rA`)."""
+loops, which read the settings of teacher and student (declared with their flags in `harness.py`,
+the machinery around a run: command line, cache, result files). Each `exp_*.py` script builds its
+own data. `README.md` defines the vocabulary (mechanisms I/A/B, configurations such as `I+rA`)."""
 from __future__ import annotations
 
 import math
@@ -216,10 +215,7 @@ def build_model(arch: str, in_channels: int, num_classes: int, width: int,
 
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients: the teacher never changes during distillation."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return model.eval().requires_grad_(False)
 
 
 class ContrastiveHeads(nn.Module):
@@ -227,8 +223,7 @@ class ContrastiveHeads(nn.Module):
 
     def __init__(self, student_dim: int, teacher_dim: int, dim: int = 128):
         super().__init__()
-        self.student = nn.Linear(student_dim, dim)
-        self.teacher = nn.Linear(teacher_dim, dim)
+        self.student, self.teacher = nn.Linear(student_dim, dim), nn.Linear(teacher_dim, dim)
 
 
 # ----------------------------------------------------------------------------- loss terms
@@ -471,11 +466,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
 
 
 def group_accuracy(pred: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> dict[str, float]:
-    """Accuracy per group present, their average and the worst group."""
+    """Accuracy per group present, their unweighted mean and the worst group."""
     per_group = {int(g): (pred[group == g] == y[group == g]).float().mean().item()
                  for g in torch.unique(group)}
     return {"groups": {str(g): a for g, a in sorted(per_group.items())},
-            "avg_acc": float(np.mean(list(per_group.values()))),
+            "mean_group_acc": float(np.mean(list(per_group.values()))),
             "worst_group_acc": min(per_group.values())}
 
 
@@ -625,7 +620,6 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, settings: 
     batch_gen = torch.Generator().manual_seed(settings.seed)
     curves, every = [], settings.eval_every or 0
     t_train = time.perf_counter()
-    t_prep = t_train - t_start
     with tqdm(total=settings.steps, desc=f"student ({settings.loss})", disable=None,
               leave=False) as bar:  # a bar on a terminal, silent in logs
         for step, idx in _batches(len(train.y), settings.batch_size, settings.steps, batch_gen):
@@ -651,5 +645,5 @@ def distill(student: nn.Module, teacher: nn.Module, train: TensorSet, settings: 
                 student.train()
     train_s = time.perf_counter() - t_train
     return {"curves": curves, "aux": aux, "teacher_logits": teacher_logits,
-            "timing": {"prepare_s": t_prep, "train_s": train_s,
+            "timing": {"prepare_s": t_train - t_start, "train_s": train_s,
                        "steps_per_s": settings.steps / max(train_s, 1e-9)}}

@@ -3,7 +3,7 @@
 Mechanism I is the digit's shape, mechanism A its colour: one hue per class, painted on the
 strokes. By default the teacher learns on digits with random colours (`I+rA`), so it ignores
 colour; the student is distilled on digits coloured by their label (`IA`), where colour alone
-would do. Counterfactual test sets built from held-out digits then ask which mechanism the
+would do. Counterfactual test sets built from the test digits then ask which mechanism the
 student uses:
 
   I      grey digits                 (is the digit enough on its own?)
@@ -17,6 +17,10 @@ Absent mechanisms take a neutral value: grey (the palette's mean colour) for A, 
 training digit for I. A cue that carries the label for a fraction f equals the label's value on
 exactly round(f * N) samples and one of the other nine values on the rest.
 
+Every set is drawn from its own random stream (harness.stream). A sixth of the training digits
+(at most 5,000) is held out as validation digits, which no run trains on and no test set uses:
+the teacher's floor, the student's fit and the choice of alpha read only their renders.
+
 Digits: the 1,797 handwritten digits that ship with scikit-learn (8x8, resized to 28x28) by
 default, so it runs offline; real MNIST with `--data mnist --data-root DIR [--download]`.
 
@@ -25,7 +29,7 @@ default, so it runs offline; real MNIST with `--data mnist --data-root DIR [--do
 import argparse
 import colorsys
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,7 +37,7 @@ import common
 import harness
 
 EXPERIMENT = "colored_mnist"
-DATA_VERSION = 1  # bump when the rendering changes (part of the teacher cache key and every result)
+DATA_VERSION = 2  # bump when the rendering changes (part of the teacher cache key and every result)
 MECHANISMS = "IA"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "rI+A")
 NUM_CLASSES = 10
@@ -127,47 +131,58 @@ def render(digits: torch.Tensor, labels: torch.Tensor, config: str, frac: float,
     return common.TensorSet(shape[:, None] * colour[:, :, None, None], y)
 
 
-# ----------------------------------------------------------------------------- main
-
-def main():
-    args = parse_args()
-    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
-
-    # ------------------------------------------------------------------------- data
+def make_data(args: argparse.Namespace, test_configs: tuple[str, ...] = TEST_CONFIGS,
+              log: Callable[[str], None] = print) -> harness.Data:
+    """Training, validation and test sets, each from its own random stream: training sets from
+    the run's seed, validation and test sets from harness.TEST_SEED (the same for every seed)."""
     train_x, train_y, test_x, test_y = load_digits(args.data, args.data_root, args.download)
+    train_x, train_y, val_x, val_y = harness.hold_out(train_x, train_y, min(len(train_y) // 6,
+                                                                            5000))
     if args.n_train:
         train_x, train_y = train_x[:args.n_train], train_y[:args.n_train]
         n_test = max(args.n_train // 3, 100)
         test_x, test_y = test_x[:n_test], test_y[:n_test]
     mean_digit = train_x.mean(0)
-    frac, renders = args.spurious_frac, args.train_renders
-    gen = torch.Generator().manual_seed(args.seed)
-    teacher_train = render(train_x, train_y, args.teacher_config, frac, renders, mean_digit, gen)
-    student_train = render(train_x, train_y, args.student_config, frac, renders, mean_digit, gen)
-    test_gen = torch.Generator().manual_seed(harness.TEST_SEED)  # the same test sets for every seed
-    test_sets = {name: render(test_x, test_y, name, 1.0, args.test_renders, mean_digit, test_gen)
-                 for name in TEST_CONFIGS}
-    teacher_heldout, student_heldout = (render(test_x, test_y, config, frac, 1, mean_digit,
-                                               test_gen)
-                                        for config in (args.teacher_config, args.student_config))
-    image_size = tuple(student_train.x.shape[2:])  # (H, W): LeNet's fully connected layer needs it
-    print(f"data: {args.data}, {len(train_y)} training digits x {renders}, test sets of "
-          f"{len(test_sets['I'].y)}; teacher on {args.teacher_config}, student on "
-          f"{args.student_config}")
+    frac = args.spurious_frac
+
+    def draw(x, y, config, f, renders, seed, kind):
+        return render(x, y, config, f, renders, mean_digit,
+                      harness.stream(seed, f"{kind}/{config}"))
+    train = {c: draw(train_x, train_y, c, frac, args.train_renders, args.seed, "train")
+             for c in (args.teacher_config, args.student_config)}
+    validation = {c: draw(val_x, val_y, c, frac, args.test_renders, harness.TEST_SEED,
+                          "validation") for c in (args.teacher_config, args.student_config)}
+    tests = {c: draw(test_x, test_y, c, 1.0, args.test_renders, harness.TEST_SEED, "test")
+             for c in test_configs}
+    log(f"data: {args.data}, {len(train_y)} training digits x {args.train_renders}, validation "
+        f"sets of {len(validation[args.student_config].y)}, test sets of "
+        f"{len(tests[test_configs[0]].y)}; teacher on {args.teacher_config}, student on "
+        f"{args.student_config}")
+    return harness.Data(train[args.teacher_config], train[args.student_config],
+                        validation[args.teacher_config], validation[args.student_config], tests)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    args = parse_args()
+    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
+    data = make_data(args)
+    image_size = tuple(data.student_train.x.shape[2:])  # (H, W): LeNet's classifier needs it
 
     # ------------------------------------------------------------------------- teacher
     teacher = harness.get_teacher(run, lambda: common.build_model(
-        run.teacher.arch, 3, NUM_CLASSES, run.teacher.width, image_size), teacher_train,
-        teacher_heldout)
+        run.teacher.arch, 3, NUM_CLASSES, run.teacher.width, image_size), data.teacher_train,
+        data.teacher_validation)
 
     # ------------------------------------------------------------------------- student
     harness.seed_everything(run.student.seed + 1)
     student = common.build_model(run.student.arch, 3, NUM_CLASSES, run.student.width, image_size)
-    distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
-                               test_sets)
+    distilled = common.distill(student, teacher.model, data.student_train, run.student,
+                               run.device, data.test_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    harness.finish(run, teacher, student, distilled, test_sets, student_heldout)
+    harness.finish(run, teacher, student, distilled, data)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,14 @@ and backgrounds, then ask which mechanism the student uses:
   I+rA      bird on a random background     (all four groups, balanced: the usual test set)
   minority  bird on the other background    (the minority groups 1 and 2 alone)
 
-Per-group, average (mean over groups) and worst-group accuracy are reported for the sets that
-have groups; a plain model trained on the 95 % split is expected to show a worst group far below
-its average.
+Per-group accuracy, the average accuracy weighted by the groups' shares of the student's
+training set (as group_DRO, JTT and DFR report it), the unweighted mean over groups
+(mean_group_acc) and worst-group accuracy are reported for the sets that have groups; a plain
+model trained on the 95 % split is expected to show a worst group far below its average.
+
+Every set is drawn from its own random stream (harness.stream). Validation scenes, drawn apart
+from the training and test scenes (real data: the `val` split), decide the teacher's floor, the
+student's fit and the choice of alpha; no test set uses them.
 
 Generated data (the default, offline). Every image is drawn from random parameters with tensor
 ops, at --image-size pixels (32):
@@ -33,8 +38,8 @@ ops, at --image-size pixels (32):
 - the bird is alpha-composited (anti-aliased edge) on a background; the neutral background is
   the mean of the land and water backgrounds of the same split.
 Classes are balanced. A background that carries the label matches the bird for exactly
-round(f * N) training images (--spurious-frac f); the test sets are group-balanced and fixed for
-every seed.
+round(f * N) training (and validation) images (--spurious-frac f); the test sets are
+group-balanced and fixed for every seed.
 
 Real data: `--data waterbirds --data-root DIR` reads the standard folder (metadata.csv with
 img_filename, y, split, place and the images it names). Its training split keeps its own
@@ -48,7 +53,7 @@ import argparse
 import csv
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -61,7 +66,7 @@ EXPERIMENT = "waterbirds"
 MECHANISMS = "IA"
 TEST_CONFIGS = ("I", "A", "IA", "I+rA", "minority")
 # bump when the generator changes (part of the teacher cache key and of every result)
-DATA_VERSION = 2
+DATA_VERSION = 3
 MAX_IMAGE_SIZE = 512
 REAL_CONFIGS = ("IA", "I+rA")  # what the real folder can give without bird masks
 NUM_CLASSES = 2
@@ -454,11 +459,15 @@ def balanced_resample(data: common.TensorSet, gen: torch.Generator) -> common.Te
 
 
 def real_data(root: str, n_train: Optional[int], n_test: Optional[int], size: int,
-              configs: tuple[str, ...], gen: torch.Generator) -> tuple[dict, dict]:
-    """(training sets of the `configs`, test sets) from the real folder."""
+              configs: tuple[str, ...], seed: int) -> tuple[dict, dict, dict]:
+    """(training sets of the `configs`, their validation sets from the `val` split, test sets)
+    from the real folder; subsets and resamples each from its own random stream."""
     rows = read_metadata(root)
-    train = load_split(root, rows, 0, n_train or 0, size, gen)
-    test = load_split(root, rows, 2, n_test or 0, size, gen)
+    train = load_split(root, rows, 0, n_train or 0, size, harness.stream(seed, "train-subset"))
+    val = load_split(root, rows, 1, n_test or 0, size,
+                     harness.stream(harness.TEST_SEED, "validation-subset"))
+    test = load_split(root, rows, 2, n_test or 0, size,
+                      harness.stream(harness.TEST_SEED, "test-subset"))
     lacking = [GROUP_NAMES[g] for g in range(4) if not (test.group == g).any()]
     if lacking:
         raise common.UserError(f"the test split ({len(test.y)} images) lacks group(s) "
@@ -469,8 +478,10 @@ def real_data(root: str, n_train: Optional[int], n_test: Optional[int], size: in
     tests = {"IA": common.TensorSet(test.x[majority], y[majority], test.group[majority]),
              "I+rA": test,
              "minority": common.TensorSet(test.x[minority], y[minority], test.group[minority])}
-    trains = {"IA": train, "I+rA": balanced_resample(train, gen)}
-    return {c: trains[c] for c in configs}, tests
+    trains = {"IA": train, "I+rA": balanced_resample(train, harness.stream(seed, "train/I+rA"))}
+    vals = {"IA": val, "I+rA": balanced_resample(val, harness.stream(harness.TEST_SEED,
+                                                                     "validation/I+rA"))}
+    return {c: trains[c] for c in configs}, {c: vals[c] for c in configs}, tests
 
 
 # ----------------------------------------------------------------------------- models
@@ -480,49 +491,57 @@ def build_model(arch: str, width: int, pretrained: bool, size: int) -> nn.Module
     return common.build_model(arch, 3, NUM_CLASSES, width, (size, size), pretrained)
 
 
+# ----------------------------------------------------------------------------- all sets
+
+def make_data(args: argparse.Namespace, log: Callable[[str], None] = print) -> harness.Data:
+    """Training, validation and test sets, each from its own random stream: training sets from
+    the run's seed, validation and test sets from harness.TEST_SEED (the same for every seed)."""
+    configs = (args.teacher_config, args.student_config)
+    if args.data == "generated":
+        def draw(kind, seed, n, frac):
+            scenes = Scenes(n, args.image_size, harness.stream(seed, f"{kind}-scenes"))
+            return {c: training_set(scenes, c, frac, harness.stream(seed, f"{kind}/{c}"))
+                    for c in configs}, scenes
+        trains, _ = draw("train", args.seed, args.n_train or 4000, args.spurious_frac)
+        vals, _ = draw("validation", harness.TEST_SEED, args.n_test or 800, args.spurious_frac)
+        test_scenes = Scenes(args.n_test or 800, args.image_size,
+                             harness.stream(harness.TEST_SEED, "test-scenes"))
+        tests = generated_test_sets(test_scenes, harness.stream(harness.TEST_SEED, "test/I+rA"))
+    else:  # the real test split has only the sets the real training configurations can have
+        trains, vals, tests = real_data(args.data_root, args.n_train, args.n_test,
+                                        args.image_size, configs, args.seed)
+    student_train = trains[args.student_config]
+    frac = float("nan") if student_train.group is None else \
+        (student_train.group % 2 == student_train.y).float().mean().item()
+    log(f"data: {args.data}, {len(student_train.y)} training images of {args.image_size}x"
+        f"{args.image_size}, background = bird in {frac:.3f} of the student's; validation sets "
+        f"of {len(vals[args.student_config].y)}; test sets of "
+        f"{', '.join(str(len(s.y)) for s in tests.values())}; teacher on {args.teacher_config}, "
+        f"student on {args.student_config}")
+    return harness.Data(trains[configs[0]], student_train, vals[configs[0]], vals[configs[1]],
+                        tests)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
     args = parse_args()
     run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
-
-    # ------------------------------------------------------------------------- data
-    configs = (args.teacher_config, args.student_config)
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.data == "generated":
-        scenes = Scenes(args.n_train or 4000, args.image_size, gen)
-        trains = {c: training_set(scenes, c, args.spurious_frac, gen) for c in configs}
-        test_gen = torch.Generator().manual_seed(harness.TEST_SEED)  # the same for every seed
-        test_scenes = Scenes(args.n_test or 800, args.image_size, test_gen)
-        test_sets = generated_test_sets(test_scenes, test_gen)
-        heldout = {c: training_set(test_scenes, c, args.spurious_frac, test_gen) for c in configs}
-        del scenes, test_scenes
-    else:  # the real test split has only the sets the real training configurations can have
-        trains, test_sets = real_data(args.data_root, args.n_train, args.n_test, args.image_size,
-                                      configs, gen)
-        heldout = test_sets
-    teacher_train, student_train = trains[args.teacher_config], trains[args.student_config]
-    teacher_heldout, student_heldout = heldout[args.teacher_config], heldout[args.student_config]
-    frac = float("nan") if student_train.group is None else \
-        (student_train.group % 2 == student_train.y).float().mean().item()
-    sizes = ", ".join(str(len(s.y)) for s in test_sets.values())
-    print(f"data: {args.data}, {len(student_train.y)} training images of {args.image_size}x"
-          f"{args.image_size}, background = bird in {frac:.3f} of the student's; test sets of "
-          f"{sizes}; teacher on {args.teacher_config}, student on {args.student_config}")
+    data = make_data(args)
 
     # ------------------------------------------------------------------------- teacher
     teacher = harness.get_teacher(run, lambda: build_model(
-        run.teacher.arch, run.teacher.width, args.pretrained, args.image_size), teacher_train,
-        teacher_heldout)
+        run.teacher.arch, run.teacher.width, args.pretrained, args.image_size),
+        data.teacher_train, data.teacher_validation)
 
     # ------------------------------------------------------------------------- student
     harness.seed_everything(run.student.seed + 1)
     student = build_model(run.student.arch, run.student.width, args.pretrained, args.image_size)
-    distilled = common.distill(student, teacher.model, student_train, run.student, run.device,
-                               test_sets)
+    distilled = common.distill(student, teacher.model, data.student_train, run.student,
+                               run.device, data.test_sets)
 
     # ------------------------------------------------------------------------- evaluate and save
-    harness.finish(run, teacher, student, distilled, test_sets, student_heldout,
+    harness.finish(run, teacher, student, distilled, data,
                    groups={str(g): name for g, name in enumerate(GROUP_NAMES)})
 
 

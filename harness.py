@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from common import (ARCHS, JACOBIAN_METHODS, LOSSES, TensorSet, UserError, evaluate_student,
                     freeze, predict, teacher_metrics, train_teacher, with_alpha)
 
-TEST_SEED = 12345  # the test sets are drawn with this seed: the same sets for every --seed
+TEST_SEED = 12345  # test and validation sets are drawn with this seed: the same for every --seed
 MAX_SEED = 2 ** 31 - 2  # numpy takes seeds below 2**32; the student uses seed + 1
 TEACHER_ATTEMPTS = 3  # trainings of a teacher that stays below its floor, each from a new start
 
@@ -235,6 +235,35 @@ def digest(*tensors: Optional[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- data
+
+def stream(seed: int, name: str) -> torch.Generator:
+    """The random stream of one data set, from a seed and the set's name ("train/IA",
+    "test/I+rA", "validation/IA", ...): changing one set, or the list of sets, leaves every other
+    set bit-identical."""
+    key = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+class Data(NamedTuple):
+    """What a run reads: the teacher's and the student's training sets; validation sets of their
+    configurations, drawn from images no training or test set uses (the teacher's floor, the
+    student's fit and the choice of alpha read only these); the counterfactual test sets."""
+    teacher_train: TensorSet
+    student_train: TensorSet
+    teacher_validation: TensorSet
+    student_validation: TensorSet
+    test_sets: dict[str, TensorSet]
+
+
+def hold_out(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Split the last `n` images off a training split as validation images, which no run trains
+    on: (train_x, train_y, validation_x, validation_y)."""
+    if not 0 < n < len(y):
+        raise UserError(f"cannot hold out {n} of {len(y)} training images for validation")
+    return x[:-n], y[:-n], x[-n:], y[-n:]
+
+
 # ----------------------------------------------------------------------------- digit data
 
 def sklearn_digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -352,13 +381,13 @@ def add_settings_flags(parser: argparse.ArgumentParser, teacher: TeacherSettings
     g.add_argument("--seed", type=int, default=0,
                    help="seed of data rendering, teacher and student (default 0)")
     g.add_argument("--teacher-min-acc", type=float, default=None,
-                   help="stop unless the teacher reaches this accuracy on held-out data of its "
+                   help="stop unless the teacher reaches this accuracy on validation data of its "
                         "own configuration (default: halfway between chance and 1; 0 with "
                         "--smoke)")
-    g.add_argument("--student-min-fit", type=float, default=0.9,
-                   help="exclude the result from analysis when the student fits held-out data "
-                        "of its own distillation configuration worse than this (accuracy, or "
-                        "agreement with the teacher, whichever is higher; default 0.9)")
+    g.add_argument("--student-min-fit", type=float, default=None,
+                   help="exclude the result from analysis when the student's accuracy on "
+                        "validation data of its own configuration is below this, whatever its "
+                        "loss (default: halfway between chance and 1; 0 with --smoke)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g.add_argument("--out", default=None, help="result JSON path (default "
                    "results/<experiment>/<teacher>_<student>_<loss>_seed<seed>.json)")
@@ -516,17 +545,19 @@ def save_cached(path: str, key: dict, model: nn.Module, log: Callable[[str], Non
     return True
 
 
-def teacher_floor(args: argparse.Namespace, num_classes: int) -> float:
-    """The accuracy a teacher must reach: --teacher-min-acc, or halfway between chance and 1."""
-    if args.teacher_min_acc is not None:
-        return args.teacher_min_acc
+def floor_of(value: Optional[float], smoke: bool, num_classes: int) -> float:
+    """The accuracy a teacher (--teacher-min-acc) or a student (--student-min-fit) must reach on
+    validation data of its own configuration: the flag's value, or halfway between chance and 1
+    (0 with --smoke, which checks the setup only)."""
+    if value is not None:
+        return value
     chance = 1.0 / num_classes
-    return 0.0 if args.smoke else chance + (1 - chance) / 2  # smoke: checks the setup only
+    return 0.0 if smoke else chance + (1 - chance) / 2
 
 
 def teacher_check(model: nn.Module, validation: TensorSet, floor: float, config: str,
                   log: Callable[[str], None]) -> dict:
-    """The teacher's accuracy on held-out data of its own configuration against the floor, and
+    """The teacher's accuracy on validation data of its own configuration against the floor, and
     whether its weights and outputs are finite (a NaN made by the very last update is not caught
     by the loss check, which runs before it)."""
     logits = predict(model, validation.x).cpu()
@@ -534,7 +565,7 @@ def teacher_check(model: nn.Module, validation: TensorSet, floor: float, config:
     if not bad and not torch.isfinite(logits).all():
         bad = ["its outputs"]
     acc = (logits.argmax(1) == validation.y.cpu()).float().mean().item()
-    log(f"teacher: accuracy {acc:.3f} on held-out {config} (floor {floor:.3f})")
+    log(f"teacher: accuracy {acc:.3f} on validation {config} (floor {floor:.3f})")
     return {"acc": acc, "floor": floor, "chance": 1 / logits.shape[1], "non_finite": bad,
             "ok": not bad and acc >= floor}
 
@@ -568,7 +599,7 @@ def train_until_it_learns(run: Run, build: Callable[[], nn.Module], model: nn.Mo
 
 def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
                 validation: TensorSet, log: Callable[[str], None] = print) -> Teacher:
-    """Load the cached teacher or train it on `train`, then one check on `validation` (held-out
+    """Load the cached teacher or train it on `train`, then one check on `validation` (validation
     data of its own configuration): a teacher below its floor or with non-finite weights stops
     the run before anything is distilled or cached.
 
@@ -583,7 +614,7 @@ def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
            "data": digest(*train), "init": digest(*model.state_dict().values())}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"{name}.pt")
-    floor = teacher_floor(args, model.classifier.out_features)
+    floor = floor_of(args.teacher_min_acc, args.smoke, model.classifier.out_features)
     started = time.perf_counter()
     with cache_lock(args.cache_dir, name) as writable:
         if args.retrain_teacher:
@@ -609,7 +640,7 @@ def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
             raise UserError(f"the teacher has non-finite values in "
                             f"{', '.join(check['non_finite'][:3])}; no result was written. {fix}")
         if not check["ok"]:
-            raise UserError(f"the teacher reaches only {check['acc']:.3f} on held-out "
+            raise UserError(f"the teacher reaches only {check['acc']:.3f} on validation "
                             f"{args.teacher_config} data, below the floor {floor:.3f} (chance "
                             f"{check['chance']:.3f}); distilling it would mean nothing and "
                             f"nothing was cached or written. {fix} (--teacher-min-acc sets the "
@@ -617,34 +648,46 @@ def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
         if attempts:
             save_cached(path, key, teacher, log)
     return Teacher(teacher, {"cache_key": name, "cached": not attempts,
-                             "heldout_acc": check["acc"], "floor": floor, "attempts": attempts,
+                             "validation_acc": check["acc"], "floor": floor, "attempts": attempts,
                              "train_s": time.perf_counter() - started if attempts else 0.0})
 
 
 # ----------------------------------------------------------------------------- the result
 
-def student_fit(args, student_logits: torch.Tensor, teacher: nn.Module,
-                heldout: TensorSet) -> dict:
-    """How well the student fits held-out data of its own distillation configuration: its
-    accuracy, or its agreement with the teacher, whichever is higher (a distilled student imitates
-    the teacher, whose answers need not be the labels). Below --student-min-fit the run is
-    excluded from analysis: a student that never fit its data says nothing about what it learned
-    from the teacher."""
+def student_fit(run: Run, student_logits: torch.Tensor, teacher: nn.Module,
+                validation: TensorSet) -> dict:
+    """The one fit rule, the same for every loss: the student's accuracy on validation data of its
+    own configuration against a floor between chance and 1. Below it the run is excluded from
+    analysis: a student that never fit its data says nothing about what it learned from the
+    teacher. Agreement with the teacher is recorded beside it, not used."""
     s_pred = student_logits.argmax(1).cpu()
-    acc = (s_pred == heldout.y.cpu()).float().mean().item()
-    agreement = (s_pred == predict(teacher, heldout.x).argmax(1).cpu()).float().mean().item()
-    fit = acc if args.loss == "ce" else max(acc, agreement)
-    return {"config": args.student_config, "acc": acc, "agreement": agreement, "fit": fit,
-            "floor": args.student_min_fit, "ok": fit >= args.student_min_fit}
+    acc = (s_pred == validation.y.cpu()).float().mean().item()
+    agreement = (s_pred == predict(teacher, validation.x).argmax(1).cpu()).float().mean().item()
+    floor = floor_of(run.args.student_min_fit, run.args.smoke, student_logits.shape[1])
+    return {"config": run.args.student_config, "acc": acc, "agreement": agreement,
+            "floor": floor, "ok": acc >= floor}
 
 
-def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict,
-           test_sets: dict[str, TensorSet], student_heldout: TensorSet, **extra) -> dict:
+def weigh_groups(metrics: dict, shares: dict[str, float]) -> dict:
+    """`metrics` with avg_acc: the accuracy per group weighted by the groups' shares of the
+    student's training set (the average group_DRO, JTT and DFR report), over the groups the set
+    has; mean_group_acc stays the unweighted mean."""
+    if "groups" in metrics:
+        weights = {g: shares.get(g, 0.0) for g in metrics["groups"]}
+        total = sum(weights.values())
+        metrics["avg_acc"] = (sum(w * metrics["groups"][g] for g, w in weights.items()) / total
+                              if total else float("nan"))
+    return metrics
+
+
+def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data: Data,
+           **extra) -> dict:
     """Check the student, evaluate teacher and student on every test set, then print and write the
     result JSON: the flags as parsed (`args`), the settings they made (the teacher's and the
     student's dataclass), provenance, metrics, curves, timing and the script's `extra` entries
     (e.g. notes). The teacher's logits on the sets come from `distilled` (common.distill)."""
-    student_logits = predict(student, student_heldout.x)
+    test_sets = data.test_sets
+    student_logits = predict(student, data.student_validation.x)
     bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
     if not bad and not torch.isfinite(student_logits).all():
         bad = ["its outputs"]
@@ -653,15 +696,21 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict,
                         f"was written. Lower --lr (or --alpha) and run again; the teacher is "
                         f"fine and stays cached.")
     teacher_logits = distilled["teacher_logits"]
-    fit = student_fit(run.args, student_logits, teacher.model, student_heldout)
+    fit = student_fit(run, student_logits, teacher.model, data.student_validation)
     exclusions = [] if fit["ok"] else [
-        f"student_fit: the student fits held-out {fit['config']} only {fit['fit']:.3f} "
-        f"(floor {fit['floor']:.2f})"]
+        f"student_fit: the student's accuracy on validation {fit['config']} is only "
+        f"{fit['acc']:.3f} (floor {fit['floor']:.3f})"]
+    groups = data.student_train.group
+    shares = {} if groups is None else {
+        str(g): (groups == g).float().mean().item() for g in torch.unique(groups).tolist()}
     record = dict(teacher.record)
     train_s = record.pop("train_s")
-    teacher_eval = {name: teacher_metrics(teacher_logits[name], s.y.cpu(),
-                                          None if s.group is None else s.group.cpu())
+    teacher_eval = {name: weigh_groups(teacher_metrics(teacher_logits[name], s.y.cpu(),
+                                                       None if s.group is None else s.group.cpu()),
+                                       shares)
                     for name, s in test_sets.items()}
+    student_eval = {name: weigh_groups(m, shares) for name, m in
+                    evaluate_student(student, test_sets, teacher_logits).items()}
     result = {
         "experiment": run.experiment,
         "args": vars(run.args),
@@ -671,9 +720,12 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict,
         "provenance": {**environment(run.device), "data_version": run.data_version,
                        "test_seed": TEST_SEED, "teacher_cache_key": record["cache_key"]},
         "teacher": {**record, "eval": teacher_eval},
-        "student": {"fit": fit, "eval": evaluate_student(student, test_sets, teacher_logits),
+        "student": {"fit": fit, "eval": student_eval,
                     "curves": distilled["curves"]},
         "test_sizes": {name: len(s.y) for name, s in test_sets.items()},
+        "validation_sizes": {"teacher": len(data.teacher_validation.y),
+                             "student": len(data.student_validation.y)},
+        **({"group_shares": shares} if shares else {}),
         "timing": {"teacher_train_s": train_s,
                    **{f"student_{k}": v for k, v in distilled["timing"].items()},
                    "total_s": time.perf_counter() - run.started},
@@ -742,23 +794,23 @@ def write_result(path: str, result: dict) -> None:
 
 def print_table(result: dict, log: Callable[[str], None] = print) -> None:
     """Test set x (teacher acc, student acc, KL(T||S), agreement); for the sets with groups, the
-    average and worst-group accuracies and the student's accuracy per group; then the result's
-    notes and exclusions."""
+    weighted average and worst-group accuracies and the student's accuracy per group; then the
+    result's notes and exclusions."""
     teacher_eval, student_eval = result["teacher"]["eval"], result["student"]["eval"]
     log(f"{'test set':<12}{'teacher acc':>12}{'student acc':>12}{'KL(T||S)':>10}{'agreement':>11}")
     for name, m in student_eval.items():
         log(f"{name:<12}{teacher_eval[name]['acc']:>12.3f}{m['acc']:>12.3f}{m['kl']:>10.3f}"
             f"{m['agreement']:>11.3f}")
     grouped = {name: m for name, m in student_eval.items() if "groups" in m}
-    if grouped:
-        group_names = result.get("groups", {})
+    if grouped:  # avg: weighted by the student's training set's group shares
+        group_names, nan = result.get("groups", {}), float("nan")
         log(f"\n{'test set':<12}{'teacher avg':>12}{'worst':>7}{'student avg':>12}{'worst':>7}"
             f"   student acc per group")
         for name, m in grouped.items():
             t = teacher_eval[name]
             groups = "  ".join(f"{group_names.get(k, k)} {a:.3f}" for k, a in m["groups"].items())
-            log(f"{name:<12}{t['avg_acc']:>12.3f}{t['worst_group_acc']:>7.3f}{m['avg_acc']:>12.3f}"
-                f"{m['worst_group_acc']:>7.3f}   {groups}")
+            log(f"{name:<12}{t.get('avg_acc', nan):>12.3f}{t['worst_group_acc']:>7.3f}"
+                f"{m.get('avg_acc', nan):>12.3f}{m['worst_group_acc']:>7.3f}   {groups}")
     for note in result.get("notes", []):
         log(f"note: {note}")
     for reason in result["exclusions"]:

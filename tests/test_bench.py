@@ -64,7 +64,7 @@ def test_profile_run_reports_a_failing_script(tmp_path):
 
 def test_check_teachers_reports_each_teacher_and_fails_below_the_bar(tmp_path):
     """--smoke teachers train for seconds and stay far below the bars: every row says
-    BELOW, exit 2."""
+    FAILED, exit 2."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "check_teachers.py"),
                            "--smoke", "--scripts", "exp_cifar_patch.py", "--seeds", "0", "1",
                            "--threads", "1", "--cache-dir", str(tmp_path)],
@@ -72,7 +72,8 @@ def test_check_teachers_reports_each_teacher_and_fails_below_the_bar(tmp_path):
     rows = [line for line in proc.stdout.splitlines()
             if line.startswith("exp_cifar_patch.py")]
     assert [line.split()[1] for line in rows] == ["0", "1"] and \
-        all(line.endswith("BELOW") for line in rows)
+        all(line.endswith("FAILED") for line in rows)
     assert proc.returncode == 2 and \
-        proc.stderr.strip() == "error: 2 teacher(s) failed or stayed below the bar"
+        proc.stderr.strip() == ("error: 2 teacher(s) failed, needed a restart or stayed "
+                                 "below the bar")
     assert len([f for f in os.listdir(tmp_path / "threads1") if f.endswith(".pt")]) == 2

@@ -212,10 +212,12 @@ def test_domino_items_through_torchvision(tmp_path, name, flag):
     labels = np.arange(20) % 10
     write_mnist(tmp_path, name, (20, 10),
                 images=np.repeat(labels * 20 + 10, 28 * 28).reshape(20, 28, 28))
-    tr_x, tr_y, te_x, te_y = exp.load_domino_items(flag, str(tmp_path), False)
-    assert tr_x.shape == (20, 32, 32) and te_x.shape == (10, 32, 32)
-    assert tr_y.tolist() == labels.tolist()
-    assert torch.allclose(tr_x[:, 5, 5], torch.from_numpy(labels * 20 + 10).float() / 255)
+    tr_x, tr_y, val_x, val_y, te_x, te_y = exp.load_domino_items(flag, str(tmp_path), False)
+    # a sixth of the training split is held out for validation
+    assert tr_x.shape == (17, 32, 32) and val_x.shape == (3, 32, 32) and te_x.shape == (10, 32, 32)
+    assert tr_y.tolist() + val_y.tolist() == labels.tolist()
+    assert torch.allclose(torch.cat([tr_x, val_x])[:, 5, 5],
+                          torch.from_numpy(labels * 20 + 10).float() / 255)
 
 
 def run_main(monkeypatch, capsys, argv):

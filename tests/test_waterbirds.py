@@ -271,10 +271,16 @@ def test_smoke_run_writes_group_metrics(smoke_runs, loss):
         for who in ("teacher", "student"):
             m = result[who]["eval"][name]
             assert m["worst_group_acc"] == min(m["groups"].values())
-            assert m["avg_acc"] == pytest.approx(sum(m["groups"].values()) / len(m["groups"]))
+            assert m["mean_group_acc"] == pytest.approx(sum(m["groups"].values())
+                                                        / len(m["groups"]))
+            shares = {g: result["group_shares"].get(g, 0.0) for g in m["groups"]}
+            assert m["avg_acc"] == pytest.approx(  # weighted by the training set's group shares
+                sum(w * m["groups"][g] for g, w in shares.items()) / sum(shares.values()))
         assert (set(result["student"]["eval"][name]["group_agreement"])
                 == set(result["student"]["eval"][name]["groups"]))
     assert "worst" in stdout and "minority" in stdout
+    shares = result["group_shares"]  # the student's IA: background = bird for 95 % of images
+    assert shares["1"] + shares["2"] == pytest.approx(0.05, abs=0.01)
 
 
 @pytest.mark.slow
