@@ -13,12 +13,16 @@ For each experiment found in the folder:
   <exp>_curves_<T>_<S>.png         metrics over training steps, mean and +-1 std band over seeds
   <exp>_categories_<metric>.png    every (teacher, student, test set) cell by category (similarity,
                                    teacher, student, neither, other), one point per cell and loss
-  <exp>_categories8_<metric>.png   the same by the finer 8-way split, where some cells are `other`
+  <exp>_categories8_<metric>.png   the same by the reference implementation's 8-way split, where
+                                   some cells are `other`
   <exp>_dose_<setting>_<T>_<S>.png with --dose SETTING (a swept flag, e.g. alpha): the
                                    dose-response, one panel per (metric, test set), x = the
                                    setting's value, one line per loss with its 95 % CI band over
                                    seeds; plain KL (no weight) is a dashed reference line, a variant
                                    run at one value a point
+
+Runs the scripts excluded are left out (--keep-excluded keeps them); a footnote under each figure
+says how many.
 
     python analysis/figures.py results/grid --out figures
     python analysis/figures.py results/sweep_alpha --kinds dose --dose alpha --sets IA I+rA
@@ -76,6 +80,12 @@ def safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9+=.,-]+", "_", name).strip("_")
 
 
+def footnote(fig, note: str) -> None:
+    """`note` (e.g. how many runs the exclusion rule left out) under the figure, when not empty."""
+    if note:
+        fig.text(0.5, -0.01, note, ha="center", va="top", fontsize=8, color="dimgrey")
+
+
 def save(fig, path: str, written: list[str]) -> None:
     fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
     plt.close(fig)
@@ -111,7 +121,7 @@ def _bar_panel(ax, cell_runs: dict[str, list[R.Run]], methods: list[str], xs: li
 
 
 def bars(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: list[str], error: str,
-         out: str, written: list[str]) -> None:
+         out: str, written: list[str], note: str = "") -> None:
     pair_runs = R.select(runs, teacher=teacher, student=student)
     methods = R.methods(pair_runs)
     cell_runs = {m: R.select(pair_runs, method=m) for m in methods}
@@ -134,6 +144,7 @@ def bars(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: list[
                        bbox_to_anchor=(1.01, 1))
     fig.suptitle(f"{exp}: teacher {teacher}, student {student} ({seeds_note(pair_runs, error)})")
     fig.tight_layout()
+    footnote(fig, note)
     save(fig, os.path.join(out, f"{exp}_bars_{safe(teacher)}_{safe(student)}.png"), written)
 
     groups = sorted({m.split(".", 1)[1] for s in sets for r in pair_runs
@@ -161,6 +172,7 @@ def bars(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: list[
         fig.suptitle(f"{exp}: group accuracies, teacher {teacher}, student {student} "
                      f"({seeds_note(pair_runs, error)})")
         fig.tight_layout()
+        footnote(fig, note)
         save(fig, os.path.join(out, f"{exp}_groups_{safe(teacher)}_{safe(student)}.png"), written)
 
 
@@ -230,7 +242,7 @@ def _grid_panels(runs: list[R.Run], stat_of) -> tuple[list[str], list[str], list
 
 
 def heatmap(runs: list[R.Run], exp: str, method: str, metric: str, error: str, out: str,
-            written: list[str]) -> None:
+            written: list[str], note: str = "") -> None:
     cells = R.group_cells(R.select(runs, method=method))
 
     def stat_of(s, t_cfg, st_cfg):
@@ -243,11 +255,12 @@ def heatmap(runs: list[R.Run], exp: str, method: str, metric: str, error: str, o
     vmin, vmax = (0.0, 1.0) if is_fraction(metric) else (0.0, max(values))
     fig = _heatmap_figure(panels, students, teachers, "viridis", vmin, vmax, label(metric),
                           f"{exp}: {label(metric)}, loss {method} (mean ± std over seeds)", ".2f")
+    footnote(fig, note)
     save(fig, os.path.join(out, f"{exp}_heatmap_{safe(metric)}_{safe(method)}.png"), written)
 
 
 def diff_heatmap(runs: list[R.Run], exp: str, method: str, base: str, metric: str, out: str,
-                 written: list[str]) -> None:
+                 written: list[str], note: str = "") -> None:
     cells_a = R.group_cells(R.select(runs, method=method))
     cells_b = R.group_cells(R.select(runs, method=base))
 
@@ -264,6 +277,7 @@ def diff_heatmap(runs: list[R.Run], exp: str, method: str, base: str, metric: st
                           "RdBu_r" if metric in LOWER_IS_BETTER else "RdBu", -lim, lim,
                           f"{method} − {base}", f"{exp}: {label(metric)}, {method} minus {base} "
                           f"(paired by seed, ± std; blue = {method} {better})", "+.2f")
+    footnote(fig, note)
     save(fig, os.path.join(out, f"{exp}_diff_{safe(metric)}_{safe(method)}-minus-{safe(base)}.png"),
          written)
 
@@ -271,7 +285,7 @@ def diff_heatmap(runs: list[R.Run], exp: str, method: str, base: str, metric: st
 # ----------------------------------------------------------------------------- 3. curves
 
 def curves(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: list[str], out: str,
-           written: list[str]) -> None:
+           written: list[str], note: str = "") -> None:
     pair_runs = R.select(runs, teacher=teacher, student=student)
     if not any(r.curves for r in pair_runs):
         return
@@ -306,13 +320,14 @@ def curves(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: lis
     fig.suptitle(f"{exp}: student metrics over training, teacher {teacher}, student {student} "
                  f"(mean ± 1 std over {n} seed{'s' if n > 1 else ''})")
     fig.tight_layout()
+    footnote(fig, note)
     save(fig, os.path.join(out, f"{exp}_curves_{safe(teacher)}_{safe(student)}.png"), written)
 
 
 # ----------------------------------------------------------------------------- 4. categories
 
 def categories(cell_rows: list[dict], exp: str, metric: str, out: str, written: list[str],
-               reference: Optional[dict] = None, key: str = "category") -> bool:
+               reference: Optional[dict] = None, key: str = "category", note: str = "") -> bool:
     """Every cell of `cell_rows` (R.aggregate's rows) placed by its category (`key`: the 5-way
     "category" or the 8-way "category8"), one point per cell and loss; `reference` ({loss:
     {category: value}}) adds another implementation's category means as black markers beside the
@@ -344,7 +359,7 @@ def categories(cell_rows: list[dict], exp: str, metric: str, out: str, written: 
     counts = {cat: len({(r["teacher"], r["student"], r["test_set"]) for r in rows if r[key] == cat})
               for cat in present}
     ax.set_xticks(range(len(present)))
-    ax.set_xticklabels([f"{cat}\n({counts[cat]} cells)" for cat in present],
+    ax.set_xticklabels([f"{R.category_name(cat)}\n({counts[cat]} cells)" for cat in present],
                        fontsize=9 if key == "category" else 8)
     ax.set_xlabel("category of the (teacher, student, test set) cell")
     ax.set_ylabel(label(metric))
@@ -352,10 +367,11 @@ def categories(cell_rows: list[dict], exp: str, metric: str, out: str, written: 
         ax.set_ylim(-0.02, 1.02)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(title="loss (bar = mean)", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    split = "category" if key == "category" else "category of the finer 8-way split"
+    split = "category" if key == "category" else "category of the reference's 8-way split"
     ax.set_title(f"{exp}: {label(metric)} by {split}\n(one point per cell and loss, mean over "
                  f"seeds; 'teacher' = mechanism only the teacher saw)", fontsize=10)
     fig.tight_layout()
+    footnote(fig, note)
     name = "categories" if key == "category" else "categories8"
     save(fig, os.path.join(out, f"{exp}_{name}_{safe(metric)}.png"), written)
     return True
@@ -384,7 +400,7 @@ def swept_values(runs: list[R.Run], key: str) -> list:
 
 
 def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metrics: list[str],
-         sets: list[str], out: str, written: list[str]) -> None:
+         sets: list[str], out: str, written: list[str], note: str = "") -> None:
     """One panel per (metric, test set): x = the value of setting `key`, one line per loss (and
     per other varying setting) with the 95 % Student-t band over seeds."""
     pair_runs = R.select(runs, teacher=teacher, student=student)
@@ -444,9 +460,9 @@ def dose(runs: list[R.Run], exp: str, teacher: str, student: str, key: str, metr
                frameon=False)
     n = sorted({len(rs) for rs in R.group_cells(pair_runs).values()})
     fig.suptitle(f"{exp}: teacher {teacher}, student {student}; dose-response in {key}\n"
-                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds; "
-                 f"excluded runs {'kept' if any(r.exclusions for r in pair_runs) else 'left out'})",
-                 fontsize=10)
+                 f"(mean and 95% CI over {n[0] if len(n) == 1 else f'{n[0]}-{n[-1]}'} seeds)"
+                 # in the title: a footnote would collide with the legend at the bottom
+                 + (f"\n{note}" if note else ""), fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.025 * math.ceil(len(handles) / 2), 1, 1))
     save(fig, os.path.join(out, f"{exp}_dose_{safe(key)}_{safe(teacher)}_{safe(student)}.png"),
          written)
@@ -459,7 +475,13 @@ def parse_pair(text: str) -> tuple[str, str]:
     return t, s
 
 
-def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> None:
+def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str],
+                    excluded: Optional[list[R.Run]] = None) -> None:
+    """Every figure of one experiment; `excluded` (the runs the exclusion rule hit) gives each
+    figure its footnote: how many of its runs were left out (or kept, with --keep-excluded)."""
+    def note(label=lambda r: r.loss, **where) -> str:
+        hit = R.select(excluded or [], experiment=exp, **where)
+        return R.excluded_note(hit, args.keep_excluded, label) if hit else ""
     runs = R.only_sets(runs, args.sets)
     available = R.metrics(runs)
     metrics = args.metrics or [m for m in ("acc", "kl", "agreement", "worst_group_acc")
@@ -479,12 +501,14 @@ def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> No
         raise UserError(f"{exp}: no setting '{args.dose}' in the runs' flags; name a flag as the "
                         f"JSON's config spells it, e.g. alpha, temperature, student_width")
     for t, s in pairs:
+        pair_note = note(teacher=t, student=s)
         if "bars" in kinds:
-            bars(runs, exp, t, s, metrics, args.error, args.out, written)
+            bars(runs, exp, t, s, metrics, args.error, args.out, written, pair_note)
         if "curves" in kinds:
-            curves(runs, exp, t, s, metrics, args.out, written)
+            curves(runs, exp, t, s, metrics, args.out, written, pair_note)
         if "dose" in kinds and args.dose:
-            dose(runs, exp, t, s, args.dose, metrics, sets, args.out, written)
+            dose(runs, exp, t, s, args.dose, metrics, sets, args.out, written,
+                 note(lambda r: R.sweep_label(r, args.dose), teacher=t, student=s))
     if not kinds & {"heatmap", "diff", "categories"}:
         return
     students, teachers, _, _ = _grid_axes(runs)
@@ -500,20 +524,21 @@ def draw_experiment(runs: list[R.Run], exp: str, args, written: list[str]) -> No
     for metric in metrics:
         if "heatmap" in kinds:
             for method in chosen:
-                heatmap(runs, exp, method, metric, args.error, args.out, written)
+                heatmap(runs, exp, method, metric, args.error, args.out, written, note())
         if "diff" in kinds and args.baseline in methods:
             for method in chosen:
                 if method not in (args.baseline, "ce"):
-                    diff_heatmap(runs, exp, method, args.baseline, metric, args.out, written)
+                    diff_heatmap(runs, exp, method, args.baseline, metric, args.out, written,
+                                 note())
         reference = R.REFERENCE_DOMINOES_ACC if args.reference and metric == "acc" else None
         if "categories" in kinds:
             rows = R.aggregate(runs, metric)
-            if not categories(rows, exp, metric, args.out, written, reference):
+            if not categories(rows, exp, metric, args.out, written, reference, note=note()):
                 print(f"{exp}: its test sets are not named as configurations, "
                       "so cells have no category")
                 kinds.discard("categories")
             elif any(r["category"] == "other" for r in rows):  # the 8-way split refines `other`
-                categories(rows, exp, metric, args.out, written, key="category8")
+                categories(rows, exp, metric, args.out, written, key="category8", note=note())
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -558,7 +583,8 @@ parser.add_argument("--error", choices=("std", "ci"), default="std",
 
 def main() -> None:
     args = parser.parse_args()
-    runs, exps = R.load_for_cli(args.results, args.experiment, keep_excluded=args.keep_excluded)
+    runs, exps, excluded = R.load_for_cli(args.results, args.experiment,
+                                          keep_excluded=args.keep_excluded)
     if len(exps) > 1:
         print(f"{args.results} holds {len(exps)} experiments ({', '.join(exps)}): "
               "drawing each separately")
@@ -570,8 +596,9 @@ def main() -> None:
     for exp in exps:
         exp_runs = R.select(runs, experiment=exp)
         print(f"{exp}: {len(exp_runs)} runs, {len(R.group_cells(exp_runs))} cells, "
-              f"methods {', '.join(R.methods(exp_runs))}")
-        draw_experiment(exp_runs, exp, args, written)
+              f"methods {', '.join(R.methods(exp_runs))}; "
+              f"{R.excluded_note(R.select(excluded, experiment=exp), args.keep_excluded)}")
+        draw_experiment(exp_runs, exp, args, written, excluded)
     print(f"wrote {len(written)} figures to {args.out}")
     for path in written:
         print(f"  {path}")

@@ -10,10 +10,12 @@ train side by side instead of waiting on each other's lock.
 
 Resume rule: an existing JSON counts as done only if it was made with its cell's settings, i.e.
 the arguments the script recorded (provenance.argv) are those the grid would pass now, --out and
---cache-dir aside. If any existing file differs (other settings, an older file without
-provenance, an unreadable file) the grid refuses before running anything, with --slurm and
---dry-run too: use another --results folder or delete the file. A result the script flagged as
-suspect still counts as done (a rerun would flag it again); figures and tables leave it out.
+--cache-dir aside, and from the script's current data (provenance.data_version equals the
+script's DATA_VERSION). If any existing file differs (other settings, another data version, an
+older file without provenance, an unreadable file) the grid refuses before running anything,
+with --slurm and --dry-run too: use another --results folder or delete the file. A result the
+script flagged as suspect still counts as done (a rerun would flag it again); figures and tables
+leave it out.
 
     python analysis/grid.py exp_colored_mnist.py --mechanisms IA --seeds 0 1 --results results/grid
     python analysis/grid.py exp_colored_mnist.py --mechanisms IA --slurm grid.sbatch   # cluster
@@ -33,6 +35,7 @@ flags the grid sets for each cell (--teacher-config, --student-config, --loss, -
 from __future__ import annotations
 
 import argparse
+import ast
 import fcntl
 import itertools
 import json
@@ -276,9 +279,25 @@ def argv_difference(stored: list[str], wanted: list[str]) -> str:
     return "; ".join(parts)
 
 
-def existing_mismatch(path: str, wanted: list[str]) -> str:
+def script_data_version(script: str) -> Optional[int]:
+    """The script's DATA_VERSION (a module-level integer), read without importing the script: the
+    version of its data that a result must come from to count as done. None when it has none."""
+    try:
+        with open(script) as f:
+            tree = ast.parse(f.read())
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if (isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "DATA_VERSION" for t in node.targets)
+                and isinstance(node.value, ast.Constant) and type(node.value.value) is int):
+            return node.value.value
+    return None
+
+
+def existing_mismatch(path: str, wanted: list[str], data_version: Optional[int] = None) -> str:
     """Why the existing result at `path` does not count as done for a cell whose script arguments
-    are `wanted` ('' when it does)."""
+    are `wanted` and whose script is at `data_version` (None: not checked); '' when it does."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -291,21 +310,28 @@ def existing_mismatch(path: str, wanted: list[str]) -> str:
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         return ("records no provenance.argv (an older file, or not a result), "
                 "so its settings are unknown")
+    found = provenance.get("data_version")
+    if data_version is not None and found != data_version:
+        made = (f"was made with data version {found}" if isinstance(found, int)
+                else "records no provenance.data_version")
+        return f"{made}, and the script's data is now at version {data_version}"
     diff = argv_difference(argv, wanted)
     return f"was made with other settings ({diff})" if diff else ""
 
 
 def check_existing(args, cells: list[Cell]) -> list[Cell]:
     """The cells still to run. A cell whose JSON exists is done only if it was made with the cell's
-    settings (flagged results too: a rerun would flag them again); any other existing file is a
-    UserError before anything runs, since skipping it would mix settings in one folder."""
+    settings and the script's data version (flagged results too: a rerun would flag them again);
+    any other existing file is a UserError before anything runs, since skipping it would mix
+    settings or data in one folder."""
     todo, bad = [], []
+    version = script_data_version(args.script)
     for c in cells:
         path = os.path.join(args.results, f"{c.name}.json")
         if not os.path.lexists(path):
             todo.append(c)
             continue
-        why = existing_mismatch(path, cell_args(args, c))
+        why = existing_mismatch(path, cell_args(args, c), version)
         if why:
             bad.append((path, why))
     if bad:

@@ -7,8 +7,10 @@ A *cell* is (experiment, method, teacher configuration, student configuration); 
 only by seed. A run counts as a whole or not at all: one whose metrics (teacher, student or curves)
 hold a non-finite number or null, or whose `exclusions` list is non-empty (e.g. the student did not
 fit its distillation data), is skipped with a warning, so that every mean is over complete, trusted
-runs. The *method* is the loss, plus the settings that tell two variants of the same loss
-apart when a folder holds both (e.g. `kl [temperature=1.0]` and `kl [temperature=4.0]`).
+runs; every tool says how many runs that exclusion rule (`is_excluded`) left out. Runs of one
+experiment from different data versions (provenance.data_version) are never pooled. The *method*
+is the loss, plus the settings that tell two variants of the same loss apart when a folder holds
+both (e.g. `kl [temperature=1.0]` and `kl [temperature=4.0]`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,14 @@ from common import LOSSES, UserError, parse_config  # noqa: E402
 from harness import bookkeeping_args, per_loss_args  # noqa: E402
 
 CATEGORIES = ("similarity", "teacher", "student", "neither", "other")
-# The finer split: `other` cut into the four ways it arises (see category8).
+# The reference implementation's 8-way split, in the order its rules are tested (see category8);
+# the 5-way split folds student_tp, teacher_sp and overlap into `other`.
+CATEGORIES8 = ("similarity", "student", "teacher", "student_tp", "teacher_sp", "overlap",
+               "neither", "other")
+FOLD8 = {"student_tp": "other", "teacher_sp": "other", "overlap": "other"}
+# How tables and figures show a category: the reference's names (the keys have no spaces, so
+# that they can be typed on a command line).
+CATEGORY_NAMES = {"student_tp": "student TP", "teacher_sp": "teacher SP"}
 # The reference implementation's own numbers for the Dominoes exhaustive grid (random-noise patch,
 # ResNet-18 teacher and student, about 20,000 iterations, no seeds): the student's accuracy, mean
 # over the cells of each category. It has no usable contrastive row (its contrastive numbers were
@@ -41,8 +50,6 @@ REFERENCE_DOMINOES_ACC = {
     "jacobian": {"similarity": 0.896, "teacher": 0.173, "student": 0.293, "neither": 0.326,
                  "other": 0.392},
 }
-CATEGORIES8 = ("similarity", "teacher", "teacher+shared", "student", "student+shared", "overlap",
-               "unseen", "neither")
 # Arguments that say where or how a run was executed, not what was trained: runs that differ only
 # in these (and the seed) are repeats of the same cell.
 BOOKKEEPING = bookkeeping_args()
@@ -72,6 +79,7 @@ class Run:
     fit: dict = field(default_factory=dict)
     # [(step, {loss term: norm of its weighted gradient})]
     grad_norms: list = field(default_factory=list)
+    data_version: Optional[int] = None  # provenance.data_version: which version of the data
 
 
 class BadResult(ValueError):
@@ -145,10 +153,41 @@ def parse_result(data, path: str = "") -> Run:
                 grad_norms.append((point["step"], norms))
     settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
     fit = _flatten(student["fit"]) if isinstance(student.get("fit"), dict) else {}
+    provenance = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    version = provenance.get("data_version")
     return Run(path, data["experiment"], str(config["teacher_config"]),
                str(config["student_config"]), str(config["loss"]), config["seed"], settings,
                s_eval, t_eval, curves, nonfinite=bad, exclusions=exclusions, fit=fit,
-               grad_norms=grad_norms)
+               grad_norms=grad_norms,
+               data_version=version if isinstance(version, int) else None)
+
+
+def is_excluded(run: Run) -> bool:
+    """The one exclusion rule of every tool: the script recorded a reason (its `exclusions` list,
+    e.g. a student below --student-min-fit) to leave the run out. The scripts decide; analysis
+    only reads the list."""
+    return bool(run.exclusions)
+
+
+def excluded_note(excluded: list[Run], kept: bool = False,
+                  label: Callable[[Run], str] = lambda r: r.loss) -> str:
+    """The line a tool prints about the runs the exclusion rule hit, counted per `label` (the loss
+    by default): 'left out: 3 runs excluded by the fit rule (kl 2, ce 1)', or 'kept: ...' when
+    the user asked to keep them."""
+    counts: dict[str, int] = {}
+    rank = {loss: i for i, loss in enumerate(LOSSES)}
+    for r in sorted(excluded, key=lambda r: (rank.get(r.loss, len(rank)), label(r))):
+        counts[label(r)] = counts.get(label(r), 0) + 1
+    reasons = {e.split(":", 1)[0] for r in excluded for e in r.exclusions}
+    rule = "the fit rule" if reasons <= {"student_fit"} else "the scripts"
+    n = len(excluded)
+    # 'kl 2', or 'jacobian alpha=0.9: 1' when the label has a space of its own
+    shown = [f"{k}{': ' if ' ' in k else ' '}{v}" for k, v in counts.items()]
+    detail = f" ({', '.join(shown)})" if shown else ""
+    if kept:
+        return (f"kept: {n} run{'s' if n != 1 else ''} excluded by {rule}{detail}, "
+                "as --keep-excluded asks")
+    return f"left out: {n} run{'s' if n != 1 else ''} excluded by {rule}{detail}"
 
 
 def skip_reason(run: Run) -> str:
@@ -211,22 +250,53 @@ def sweep_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_sweep(folder: str, setting: str) -> list[Run]:
-    """The runs of a sweep, excluded ones included (a weight that breaks the student's fit is part
-    of the answer); a UserError when none records `setting`."""
-    runs = load_results(folder, keep_excluded=True)
-    if not any(r.settings.get(setting) is not None for r in runs):
+def load_sweep(folder: str, setting: str) -> tuple[list[Run], list[Run]]:
+    """The runs of a sweep and, apart, the runs the exclusion rule left out (the tools count them
+    per value: a weight that breaks the student's fit is part of the answer); a UserError when
+    no run records `setting`."""
+    excluded: list[Run] = []
+    runs = load_results(folder, excluded=excluded)
+    if not any(r.settings.get(setting) is not None for r in runs + excluded):
         raise UserError(f"no run in {folder} records a setting '{setting}'; name a flag as the "
                         "JSON's args spell it, e.g. alpha")
-    return runs
+    return runs, excluded
+
+
+def sweep_label(run: Run, setting: str) -> str:
+    """A run's loss and its value of the swept setting, e.g. 'jacobian alpha=0.9': what the sweep
+    tools count excluded runs by."""
+    value = run.settings.get(setting)
+    return run.loss if value is None else f"{run.loss} {setting}={value}"
+
+
+def check_data_versions(runs: list[Run], folder: str) -> None:
+    """A UserError when runs of one experiment come from different versions of its data
+    (provenance.data_version): their numbers measure different data sets and must not be
+    pooled."""
+    for exp in experiments(runs):
+        example: dict[Optional[int], str] = {}
+        for r in select(runs, experiment=exp):
+            example.setdefault(r.data_version, r.path)
+        if len(example) > 1:
+            order = sorted(example, key=lambda v: (v is None, v or 0))
+            shown = ["none recorded" if v is None else str(v) for v in order]
+            files = ", ".join(f"{name}: {os.path.relpath(example[v], folder)}"
+                              for name, v in zip(shown, order))
+            raise UserError(f"the {exp} runs in {folder} come from data versions "
+                            f"{' and '.join(shown)} (e.g. {files}); their numbers are not "
+                            "comparable: move the runs of the old version to another folder "
+                            "(or rerun them) and analyse one version at a time")
 
 
 def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
-                 keep_excluded: bool = False) -> list[Run]:
+                 keep_excluded: bool = False,
+                 excluded: Optional[list[Run]] = None) -> list[Run]:
     """All result JSON files under `folder` (recursively). Files that are not results of ours, or
     are truncated, are skipped with one warning that counts them. Runs with a null or non-finite
-    metric or a non-empty `exclusions` list are skipped whole, one warning line each plus a line
-    that counts them (`keep_excluded` keeps the excluded ones). No usable run is a UserError."""
+    metric, or that `is_excluded`, are skipped whole, one warning line each plus a line that counts
+    them (`keep_excluded` keeps the excluded ones); the runs the exclusion rule hit (kept or not)
+    are appended to `excluded` when given, for the tool's own note. Runs of one experiment from
+    different data versions, or no usable run, are a UserError."""
     if not os.path.isdir(folder):
         raise UserError(f"results folder {folder} does not exist; "
                         "pass the folder the experiments wrote to")
@@ -235,7 +305,7 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
     if not paths:
         raise UserError(f"no result JSON files in {folder}; run an exp_*.py script with "
                         f"--out {folder}/NAME.json or analysis/grid.py --results {folder} first")
-    runs, skipped, suspect, seen = [], [], [], {}
+    runs, skipped, suspect, seen, parsed = [], [], [], {}, []
     for path in paths:
         try:
             with open(path) as f:
@@ -248,10 +318,14 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
             reason = str(e) if isinstance(e, BadResult) else "not valid JSON (truncated?)"
             skipped.append((path, reason))
             continue
-        if run.nonfinite or (run.exclusions and not keep_excluded):
+        parsed.append(run)
+        if is_excluded(run) and not run.nonfinite and excluded is not None:
+            excluded.append(run)
+        if run.nonfinite or (is_excluded(run) and not keep_excluded):
             suspect.append(run)
             continue
         runs.append(run)
+    check_data_versions(parsed, folder)
     _assign_methods(runs)
     unique = []
     for r in runs:
@@ -271,10 +345,9 @@ def load_results(folder: str, warn: Callable[[str], None] = lambda m: print(m, f
         for r in suspect:
             # one line each
             warn(f"warning: skipped run {r.path}: {' '.join(skip_reason(r).split())}")
-        nonfinite, excluded = (sum(bool(r.nonfinite) for r in suspect),
-                               sum(bool(r.exclusions) for r in suspect))
+        nonfinite = sum(bool(r.nonfinite) for r in suspect)
         warn(f"warning: skipped {len(suspect)} of {len(runs) + len(suspect)} runs: "
-             f"{nonfinite} with null or non-finite metrics, {excluded} excluded "
+             f"{nonfinite} with null or non-finite metrics, {len(suspect) - nonfinite} excluded "
              "(each run is left out whole, so no mean mixes it in)")
     if not unique:
         if suspect:
@@ -322,12 +395,13 @@ def experiments(runs: Iterable[Run]) -> list[str]:
     return sorted({r.experiment for r in runs})
 
 
-
 def load_for_cli(folder: str, experiment: Optional[str],
-                 keep_excluded: bool = False) -> tuple[list[Run], list[str]]:
+                 keep_excluded: bool = False) -> tuple[list[Run], list[str], list[Run]]:
     """What the command-line tools start from: the runs of a folder (with warnings about
-    confounded settings) and the experiments to draw, limited to `experiment` when given."""
-    runs = load_results(folder, keep_excluded=keep_excluded)
+    confounded settings), the experiments to draw, limited to `experiment` when given, and the
+    runs the exclusion rule hit (left out, or kept with `keep_excluded`), for the tool's note."""
+    excluded: list[Run] = []
+    runs = load_results(folder, keep_excluded=keep_excluded, excluded=excluded)
     warn_confounders(runs)
     exps = experiments(runs)
     if experiment:
@@ -335,7 +409,7 @@ def load_for_cli(folder: str, experiment: Optional[str],
             raise UserError(f"no results of experiment '{experiment}' in {folder}; "
                             f"it has {', '.join(exps)}")
         exps = [experiment]
-    return runs, exps
+    return runs, exps, excluded
 
 
 def only_sets(runs: list[Run], sets: Optional[list[str]]) -> list[Run]:
@@ -436,51 +510,54 @@ def config_order(names: Iterable[str], letters: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- categories
 
-def category(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
-    """Category of a (teacher, student, test set) cell (defined in docs/grid_and_figures.md), from
+def category8(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
+    """The reference implementation's 8-way category of a (teacher, student, test set) cell, from
     the label-carrying mechanisms T, S, K of the three configurations (randomised mechanisms do not
-    count):
+    count). Its rules are tested in this order, the first that holds wins:
 
-      similarity  K is inside both S and T
-      teacher     K is inside T, shares nothing with S, and S and T share a mechanism
-      student     K is inside S, shares nothing with T, and S and T share a mechanism
+      similarity  every mechanism of K is in S and in T
+      student     K is inside S, shares nothing with T, and S and T share another mechanism
+      teacher     K is inside T, shares nothing with S, and S and T share another mechanism
+      student_tp  S equals K and T holds part of K
+      teacher_sp  T equals K and S holds part of K
+      overlap     S and T share a mechanism that is not in K
       neither     S and T share no mechanism (whatever K is)
-      other       everything else (e.g. K partly in S only and partly in both)
+      other       everything else
 
     None when one of the three names is not a configuration.
     """
     t, s, k = (label_mechanisms(n, letters) for n in (teacher, student, test_set))
     if t is None or s is None or k is None:
         return None
-    if not s & t:
-        return "neither"
-    if k <= s & t:
+    shared = s & t
+    if k <= s and k <= t:
         return "similarity"
-    if k <= t and not k & s:
-        return "teacher"
-    if k <= s and not k & t:
+    if k <= s and not k & t and shared - k:
         return "student"
+    if k <= t and not k & s and shared - k:
+        return "teacher"
+    if s == k and t & k:
+        return "student_tp"
+    if t == k and s & k:
+        return "teacher_sp"
+    if shared - k:
+        return "overlap"
+    if not shared:
+        return "neither"
     return "other"
 
 
-def category8(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
-    """The finer, 8-way category: `category`'s similarity, teacher, student and neither, with
-    `other` cut by where K's mechanisms lie (S and T sharing at least one):
+def category(teacher: str, student: str, test_set: str, letters: str) -> Optional[str]:
+    """The 5-way category of a cell (similarity, teacher, student, neither, other): `category8`
+    with student_tp, teacher_sp and overlap folded into `other`, so that the two splits always
+    agree. None when one of the three names is not a configuration."""
+    fine = category8(teacher, student, test_set, letters)
+    return None if fine is None else FOLD8.get(fine, fine)
 
-      teacher+shared  K is inside T and holds a mechanism only T has and one both have
-      student+shared  K is inside S and holds a mechanism only S has and one both have
-      overlap         K holds a mechanism only T has and one only S has
-      unseen          K holds a mechanism that neither S nor T has
-    """
-    coarse = category(teacher, student, test_set, letters)
-    if coarse != "other":
-        return coarse
-    t, s, k = (label_mechanisms(n, letters) for n in (teacher, student, test_set))
-    if not k <= s | t:
-        return "unseen"
-    if k & (t - s) and k & (s - t):
-        return "overlap"
-    return "teacher+shared" if k & (t - s) else "student+shared"
+
+def category_name(key: str) -> str:
+    """How tables and figures show a category (`student_tp` -> `student TP`)."""
+    return CATEGORY_NAMES.get(key, key)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -584,7 +661,9 @@ def category_summary(rows: list[dict], key: str = "category") -> list[dict]:
     the 8-way one): the mean over the category's (teacher, student, test set) cells of each cell's
     mean over seeds, and its spread over seeds: each seed's mean over the cells, then the sample
     std and 95 % Student-t interval of those (the cells of one seed share its teachers and data,
-    so they are not independent samples; the seeds are)."""
+    so they are not independent samples; the seeds are). The seed means are paired: they are taken
+    over the cells that every seed has, so that a seed missing a cell does not shift its mean by
+    a different cell set; `cells_dropped` counts the cells left out of the spread for that."""
     out = []
     for exp in sorted({r["experiment"] for r in rows}):
         exp_rows = [r for r in rows if r["experiment"] == exp]
@@ -594,13 +673,14 @@ def category_summary(rows: list[dict], key: str = "category") -> list[dict]:
                 if not cells:
                     continue
                 seeds = sorted({s for r in cells for s in r.get("per_seed", {})})
-                by_seed = summarize(float(np.mean([r["per_seed"][s] for r in cells
-                                                   if s in r.get("per_seed", {})]))
-                                    for s in seeds)
+                common = [r for r in cells if all(s in r.get("per_seed", {}) for s in seeds)]
+                by_seed = summarize(float(np.mean([r["per_seed"][s] for r in common]))
+                                    for s in (seeds if common else []))
                 st = summarize(r["mean"] for r in cells)
                 out.append({"experiment": exp, "method": method, "category": cat,
                             "metric": exp_rows[0]["metric"], "mean": st.mean, "std": by_seed.std,
                             "ci_lo": st.mean - by_seed.half_width,
                             "ci_hi": st.mean + by_seed.half_width, "cells": st.n,
-                            "seeds": len(seeds)})
+                            "cells_dropped": len(cells) - len(common), "seeds": len(seeds),
+                            "n": by_seed.n})
     return out

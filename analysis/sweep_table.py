@@ -8,11 +8,11 @@
 Each row is one line of the dose-response figure at one value of the setting (plain KL, which has
 no weight, is the reference row): the mean ± 95 % CI half-width over seeds (Student-t) of each
 `metric:test set` column; the student's held-out fit on its own configuration (accuracy) and how
-many of its runs were excluded; and which loss term drives training: the norm of the weighted KL
-term's gradient on the student's parameters divided by the other term's, at the first evaluation
-point (mean over seeds) and the median over every evaluation point and seed. Unlike the figures,
-the table keeps excluded runs and says how many there are: a weight that breaks the student's fit is
-part of the answer.
+many of its runs the scripts excluded; and which loss term drives training: the norm of the
+weighted KL term's gradient on the student's parameters divided by the other term's, at the first
+evaluation point (mean over seeds) and the median over every evaluation point and seed. As in every
+tool, excluded runs are left out of the numbers (n counts the others); each row and a line under
+each table say how many: a weight that breaks the student's fit is part of the answer.
 """
 from __future__ import annotations
 
@@ -54,16 +54,19 @@ def fmt(stat: R.Stat) -> str:
 
 
 def row(line: str, value, runs: list[R.Run], columns: list[tuple[str, str]]) -> list[str]:
+    """One line of the table; the runs that R.is_excluded are counted, not used."""
+    excluded = sum(R.is_excluded(r) for r in runs)
+    runs = [r for r in runs if not R.is_excluded(r)]
     ratios = [gradient_ratios(r) for r in runs]
     first = [r[0] for r in ratios if r]
     every = [x for r in ratios for x in r]
-    excluded = sum(bool(r.exclusions) for r in runs)
     fit = R.summarize(r.fit.get("acc") for r in runs)
     cells = [fmt(R.cell_stat(runs, test_set, metric)) for metric, test_set in columns]
     return [line, "" if value is None else f"{value:g}" if isinstance(value, (int, float))
                   else str(value),
             str(len(runs)), *cells,
-            f"{fit.mean:.3f}" + (f" ({excluded} excluded)" if excluded else ""),
+            (("" if math.isnan(fit.mean) else f"{fit.mean:.3f}")
+             + (f" ({excluded} excluded, left out)" if excluded else "")).strip(),
             f"{statistics.mean(first):.3g}" if first else "",
             f"{statistics.median(every):.3g}" if every else ""]
 
@@ -71,7 +74,8 @@ def row(line: str, value, runs: list[R.Run], columns: list[tuple[str, str]]) -> 
 def tables(runs: list[R.Run], setting: str,
            columns: list[tuple[str, str]]) -> dict[tuple, list[list[str]]]:
     """{(experiment, teacher, student): rows}: first the runs without a value of `setting` (plain
-    KL, ce), then each line of the sweep value by value."""
+    KL, ce), then each line of the sweep value by value. `runs` may hold excluded runs: each row
+    counts its own and leaves them out of its numbers."""
     out = {}
     for key in sorted({(r.experiment, r.teacher, r.student) for r in runs}):
         group = [r for r in runs if (r.experiment, r.teacher, r.student) == key]
@@ -97,7 +101,7 @@ def main() -> None:
         if not sep or not metric or not test_set:
             raise UserError(f"--columns '{spec}' is not METRIC:SET; write e.g. agreement:I+rA")
         columns.append((metric, test_set))
-    runs = R.load_sweep(args.results, args.setting)
+    runs, excluded = R.load_sweep(args.results, args.setting)
     for metric, test_set in columns:
         if all(R.value(r, test_set, metric) is None for r in runs):
             raise UserError(f"no run in {args.results} has {metric} on {test_set}; "
@@ -105,11 +109,14 @@ def main() -> None:
                             f"metrics: {', '.join(R.metrics(runs))}")
     header = ["loss", args.setting, "n", *[f"{m} `{s}`" for m, s in columns], "held-out fit",
               "KL/other grad, first eval", "median"]
-    for (experiment, teacher, student), rows in tables(runs, args.setting, columns).items():
+    for key, rows in tables(runs + excluded, args.setting, columns).items():
+        experiment, teacher, student = key
         print(f"\n{experiment}: teacher {teacher}, student {student}\n")
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for cells in rows:
             print("| " + " | ".join(cells) + " |")
+        left_out = [r for r in excluded if (r.experiment, r.teacher, r.student) == key]
+        print("\n" + R.excluded_note(left_out, label=lambda r: R.sweep_label(r, args.setting)))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
     python analysis/table.py results/grid --metric acc  # every cell, one column per loss
     python analysis/table.py results/grid --metric acc --by category  # the paper's category summary
-    python analysis/table.py results/grid --metric acc --by category8  # its finer 8-way split
+    python analysis/table.py results/grid --metric acc --by category8  # the reference's 8-way split
     python analysis/table.py results/dominoes --metric acc --by category \\
         --reference  # beside the reference's numbers
 
 Per cell: mean ± std over seeds. Per category: the mean over the category's cells, ± the std over
-seeds of each seed's mean over those cells. The 95 % Student-t confidence interval is in brackets
-when there are at least two seeds; n is the number of seeds, `cells` the number of cells.
+seeds of each seed's mean over those cells (the cells every seed has: `cells lacking a seed`
+counts those left out of the spread). The 95 % Student-t confidence interval is in brackets when
+there are at least two seeds; n is the number of seeds, `cells` the number of cells. Runs the
+scripts excluded are left out, and a line under each table says how many.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from analysis import results as R  # noqa: E402
 def entry(row: dict, digits: int = 3, ci: bool = True) -> str:
     """'0.912 ± 0.013 [0.795, 1.029]' or '0.912 (n=1)' when the spread is unknown."""
     if math.isnan(row["std"]):
-        return f"{row['mean']:.{digits}f} (n=1)"
+        return f"{row['mean']:.{digits}f} (n={row.get('n', 1)})"
     text = f"{row['mean']:.{digits}f} ± {row['std']:.{digits}f}"
     return text + (f" [{row['ci_lo']:.{digits}f}, {row['ci_hi']:.{digits}f}]" if ci else "")
 
@@ -74,14 +76,16 @@ def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key
                    reference: Optional[dict] = None) -> str:
     """One line per category (`key`: the 5-way "category" or the 8-way "category8"), one column per
     method: the mean over the category's cells, ± std and 95 % CI over seeds; then a column per
-    method of `reference` ({method: {category: value}}) when given."""
+    method of `reference` ({method: {category: value}}) when given, the number of cells and of
+    those left out of the spread because some seed lacks them."""
     summary = R.category_summary([r for r in rows if r[key]], key)
     if not summary:
         raise UserError("no cell has a category: the test sets are not named as configurations "
                         "(e.g. I, IA, I+rA)")
     by = {(s["category"], s["method"]): s for s in summary}
     reference = reference or {}
-    header = ["category", *methods, *[f"reference {m}" for m in reference], "cells"]
+    header = ["category", *methods, *[f"reference {m}" for m in reference], "cells",
+              "cells lacking a seed"]
     lines = []
     for cat in (R.CATEGORIES8 if key == "category8" else R.CATEGORIES):
         cells = [by.get((cat, m)) for m in methods]
@@ -90,7 +94,9 @@ def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key
         vals = [(f"{c['mean']:.6g}" if fmt == "csv" else entry(c, ci=ci)) if c else "-"
                 for c in cells]
         refs = [f"{ref[cat]:.3f}" if cat in ref else "-" for ref in reference.values()]
-        lines.append([cat, *vals, *refs, str(max(c["cells"] for c in cells if c))])
+        dropped = "/".join(sorted({str(c["cells_dropped"]) for c in cells if c}, key=int))
+        lines.append([cat if fmt == "csv" else R.category_name(cat), *vals, *refs,
+                      str(max(c["cells"] for c in cells if c)), dropped])
     return render(header, lines, fmt)
 
 
@@ -101,8 +107,8 @@ parser.add_argument("results", help="folder of result JSON files (searched recur
 parser.add_argument("--metric", default="acc",
                     help="acc, kl, agreement, worst_group_acc, teacher_acc, ... (default acc)")
 parser.add_argument("--by", choices=("cell", "category", "category8"), default="cell",
-                    help="rows per cell, per category (5-way) or per category of the finer 8-way "
-                         "split (default cell)")
+                    help="rows per cell, per category (5-way) or per category of the reference "
+                         "implementation's 8-way split (default cell)")
 parser.add_argument("--reference", action="store_true",
                     help="with --metric acc --by category: add the reference implementation's own "
                          "numbers for the Dominoes exhaustive grid (random patch) beside ours")
@@ -125,7 +131,8 @@ def main() -> None:
     if args.reference and (args.metric != "acc" or args.by != "category"):
         raise UserError("--reference compares the student's accuracy per 5-way category: use it "
                         "with --metric acc --by category")
-    runs, exps = R.load_for_cli(args.results, args.experiment, keep_excluded=args.keep_excluded)
+    runs, exps, excluded = R.load_for_cli(args.results, args.experiment,
+                                          keep_excluded=args.keep_excluded)
     for exp in exps:
         exp_runs = R.only_sets(R.select(runs, experiment=exp), args.sets)
         if args.metric not in R.metrics(exp_runs):
@@ -139,10 +146,16 @@ def main() -> None:
             print(f"{'### ' if args.format == 'md' else ''}{exp}: {args.metric} ({what}"
                   f"{'' if args.no_ci else ', [95% CI]'})\n")
         if args.by == "cell":
-            print(cell_table(rows, methods, args.format, not args.no_ci))
+            text = cell_table(rows, methods, args.format, not args.no_ci)
         else:
-            print(category_table(rows, methods, args.format, not args.no_ci, args.by,
-                                 R.REFERENCE_DOMINOES_ACC if args.reference else None))
+            text = category_table(rows, methods, args.format, not args.no_ci, args.by,
+                                  R.REFERENCE_DOMINOES_ACC if args.reference else None)
+        note = R.excluded_note(R.select(excluded, experiment=exp), kept=args.keep_excluded)
+        if args.format == "csv":  # the CSV stays machine-readable
+            print(text)
+            print(f"{exp}: {note}", file=sys.stderr)
+        else:
+            print(f"{text}\n{note}\n")
 
 
 if __name__ == "__main__":

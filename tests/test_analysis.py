@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from analysis import figures, grid, table
+from analysis import choose_default, figures, grid, sweep_table, table
 from analysis import results as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,10 +57,11 @@ def run_script(script, *args, **kw):
 
 @pytest.fixture
 def cli(capsys, monkeypatch):
-    """Run figures.py or table.py in this process (as run_cli would):
-    (returncode, stdout, stderr)."""
+    """Run figures.py, table.py, sweep_table.py or choose_default.py in this process (as run_cli
+    would): (returncode, stdout, stderr)."""
     def run(script, *args):
-        module = {"figures.py": figures, "table.py": table}[script]
+        module = {"figures.py": figures, "table.py": table, "sweep_table.py": sweep_table,
+                  "choose_default.py": choose_default}[script]
         monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
         code = 0
         try:
@@ -155,21 +156,42 @@ def test_category_by_hand(teacher, student, test, letters, expected):
 
 
 @pytest.mark.parametrize("teacher,student,test,expected", [
-    ("IA", "IA", "A", "similarity"),
-    ("IB", "I", "B", "teacher"),
-    ("I", "IB", "B", "student"),
+    ("IA", "IA", "A", "similarity"),         # A is in both S and T
+    ("I", "IB", "B", "student"),             # B only in S, S and T share I
+    ("IB", "I", "B", "teacher"),             # B only in T, S and T share I
+    ("I", "IA", "IA", "student_tp"),         # S is K, T holds part of K
+    ("IA", "I", "IA", "teacher_sp"),         # T is K, S holds part of K
+    ("IA", "IB", "AB", "overlap"),           # S and T share I, which K lacks
+    ("IA", "IA", "B", "overlap"),
+    ("A", "I", "I", "neither"),              # S and T share nothing
     ("A", "I", "IA", "neither"),
-    ("IA", "I", "IA", "teacher+shared"),     # I both have, A only the teacher
-    ("I", "IA", "IA", "student+shared"),
-    ("IA", "IB", "AB", "overlap"),           # A only in T, B only in S
-    ("IA", "IB", "IAB", "overlap"),
-    ("IA", "I", "IB", "unseen"),             # B in neither model's data
+    ("IA", "IB", "IAB", "other"),            # share I, but K holds it and more than S or T
+    ("IA", "I", "IB", "other"),
     ("IA", "IA", "minority", None),
 ])
-def test_the_8_way_split_refines_other_and_keeps_the_rest(teacher, student, test, expected):
+def test_the_8_way_split_by_hand_and_its_fold_into_the_5_way(teacher, student, test, expected):
     assert R.category8(teacher, student, test, "IAB") == expected
-    coarse = R.category(teacher, student, test, "IAB")
-    assert coarse == expected or (coarse == "other" and expected not in R.CATEGORIES)
+    assert R.category(teacher, student, test, "IAB") == (
+        None if expected is None else R.FOLD8.get(expected, expected))
+
+
+def test_category_counts_over_the_dominoes_grid_are_the_reference_implementations():
+    """Every (teacher, student, test set) cell of the seven configurations, 7 x 7 x 7 = 343."""
+    configs = ("I", "A", "B", "IA", "IB", "AB", "IAB")
+    cells = [(t, s, k) for t in configs for s in configs for k in configs]
+    fine = {c: 0 for c in R.CATEGORIES8}
+    coarse = {c: 0 for c in R.CATEGORIES}
+    for t, s, k in cells:
+        fine[R.category8(t, s, k, "IAB")] += 1
+        coarse[R.category(t, s, k, "IAB")] += 1
+    assert fine == {"similarity": 61, "student": 24, "teacher": 24, "student_tp": 18,
+                    "teacher_sp": 18, "overlap": 60, "neither": 84, "other": 54}
+    assert coarse == {"similarity": 61, "teacher": 24, "student": 24, "neither": 84,
+                      "other": 150}
+    assert [R.category_name(c) for c in R.CATEGORIES8] == [
+        "similarity", "student", "teacher", "student TP", "teacher SP", "overlap", "neither",
+        "other"]
+    assert all(" " not in c for c in R.CATEGORIES8)  # keys usable on a command line
 
 
 def test_category_spread_is_over_seeds_not_cells(tmp_path):
@@ -182,7 +204,26 @@ def test_category_spread_is_over_seeds_not_cells(tmp_path):
     assert kl["teacher"]["mean"] == pytest.approx(0.275) and kl["teacher"]["seeds"] == 2
     assert kl["teacher"]["ci_hi"] - kl["teacher"]["mean"] == pytest.approx(half, rel=1e-6)
     fine = {s["category"] for s in R.category_summary(rows, "category8")}
-    assert fine <= set(R.CATEGORIES8) and "other" not in fine
+    assert fine <= set(R.CATEGORIES8) and "overlap" in fine
+    assert all(s["cells_dropped"] == 0 for s in R.category_summary(rows))
+
+
+def test_category_spread_uses_only_the_cells_every_seed_has():
+    """Seed 2 lacks the third cell: each seed's mean is over the first two cells only, so the seeds
+    are compared on the same cells; the category's mean still takes every cell."""
+    def cell(name, per_seed):
+        values = list(per_seed.values())
+        return {"experiment": "toy", "method": "kl", "teacher": "IB", "student": "I",
+                "test_set": name, "category": "teacher", "metric": "acc",
+                "mean": sum(values) / len(values), "per_seed": per_seed}
+    rows = [cell("B", {0: 0.2, 1: 0.4, 2: 0.6}), cell("B2", {0: 0.4, 1: 0.4, 2: 0.8}),
+            cell("B3", {0: 0.9, 1: 0.1})]
+    summary, = R.category_summary(rows)
+    assert summary["cells_dropped"] == 1 and summary["cells"] == 3 and summary["seeds"] == 3
+    paired = R.summarize([0.3, 0.4, 0.7])  # seed means over B and B2
+    assert summary["std"] == pytest.approx(paired.std)
+    assert summary["mean"] == pytest.approx((0.4 + 1.6 / 3 + 0.5) / 3)
+    assert summary["ci_hi"] - summary["mean"] == pytest.approx(paired.half_width)
 
 
 def test_mechanism_letters_and_config_order(tmp_path):
@@ -277,10 +318,12 @@ def test_cli_reports_skipped_runs_on_stderr_and_all_skipped_is_an_error(tmp_path
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1].split(",")[-1] == "0.4"  # run a alone: kl = 1 - 0.6
     lines = r.stderr.splitlines()
-    assert (len(lines) == 3 and "b.json: excluded" in lines[0]
+    assert (len(lines) == 4 and "b.json: excluded" in lines[0]
             and "c.json: null or non-finite" in lines[1])
     assert lines[2] == ("warning: skipped 2 of 3 runs: 1 with null or non-finite metrics, "
                         "1 excluded (each run is left out whole, so no mean mixes it in)")
+    # the CSV stays clean: the table's note goes to stderr
+    assert lines[3] == "toy: left out: 1 run excluded by the scripts (kl 1)"
     os.remove(tmp_path / "a.json")
     r = cli("figures.py", tmp_path, "--out", tmp_path / "f")
     assert r.returncode == 2 and "error: every run in" in r.stderr and "Traceback" not in r.stderr
@@ -376,16 +419,17 @@ def test_tables_markdown_by_cell_and_category(tmp_path, cli):
     half = 12.706204736 * math.sqrt(0.005) / math.sqrt(2)  # std of (0.5, 0.6) is sqrt(0.005)
     assert f"0.550 ± 0.071 [{0.55 - half:.3f}, {0.55 + half:.3f}]" in line and "similarity" in line
     r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv")
-    rows = [l.split(",") for l in r.stdout.splitlines()]
-    assert rows[0] == ["category", "kl", "jacobian", "cells"]
+    rows = [x.split(",") for x in r.stdout.splitlines() if x]
+    assert rows[0] == ["category", "kl", "jacobian", "cells", "cells lacking a seed"]
     cats = {row[0]: row for row in rows[1:]}
     # teacher category: T=IA, S=I, K=A -> every cell's mean over seeds is 0.55/2 for kl
     assert float(cats["teacher"][1]) == pytest.approx(0.275)
     assert {"similarity", "teacher", "student", "neither"} <= set(cats)
     r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv",
             "--reference")
-    rows = [l.split(",") for l in r.stdout.splitlines()]
-    assert rows[0] == ["category", "kl", "jacobian", "reference kl", "reference jacobian", "cells"]
+    rows = [x.split(",") for x in r.stdout.splitlines() if x]
+    assert rows[0] == ["category", "kl", "jacobian", "reference kl", "reference jacobian", "cells",
+                       "cells lacking a seed"]
     assert {row[0]: row[3:5] for row in rows[1:]}["teacher"] == ["0.163", "0.173"]
     r = cli("table.py", tmp_path, "--metric", "kl", "--reference")
     assert r.returncode == 2 and "--metric acc --by category" in r.stderr
@@ -400,10 +444,10 @@ def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
     sim = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
     # kl's similarity cells: K = I in (I,I), (IA,I), (I,IA), (IA,IA) at 0.55;
     # K = A in (IA,IA), (A,IA) at 0.275
-    assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-1] == "6"
+    assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-2:] == ["6", "0"]
     r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv")
     sim_all = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
-    assert sim_all[-1] == "10"  # plus the four I+rA cells
+    assert sim_all[-2] == "10"  # plus the four I+rA cells
     r = cli("table.py", tmp_path, "--sets", "I", "AB")
     assert r.returncode == 2 and "no test set AB" in r.stderr and "Traceback" not in r.stderr
     runs = R.only_sets(R.load_results(str(tmp_path)), ["A"])
@@ -955,8 +999,8 @@ def test_choose_default_command_line(tmp_path):
 
 
 def test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_path):
-    """One row per (line, value) plus the plain-KL reference; excluded runs are counted, not hidden;
-    the ratio is KL's weighted-gradient norm over the other term's."""
+    """One row per (line, value) plus the plain-KL reference; excluded runs are counted and left
+    out of the numbers; the ratio is KL's weighted-gradient norm over the other term's."""
     from analysis import sweep_table
     folder = tmp_path / "r"
     for seed in (0, 1, 2):
@@ -967,7 +1011,8 @@ def test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_pa
             r = result("toy", "I+rA", "IA", "jacobian", seed,
                        {"IA": 0.9, "I+rA": alpha + 0.1 * seed}, alpha=alpha)
             r["student"]["fit"] = {"acc": 0.8 if (alpha, seed) == (0.9, 2) else 0.95}
-            r["exclusions"] = ["student fit"] if (alpha, seed) == (0.9, 2) else []
+            r["exclusions"] = (["student_fit: the student fits held-out IA only 0.8 (floor 0.90)"]
+                               if (alpha, seed) == (0.9, 2) else [])
             for i, point in enumerate(r["student"]["curves"]):
                 point["terms"] = {"kl": {"weight": 1 - alpha, "value": 1.0,
                                          "grad_norm": 8.0 / (i + 1)},
@@ -977,11 +1022,11 @@ def test_sweep_table_rows_count_excluded_runs_and_give_the_gradient_ratio(tmp_pa
                               [("agreement", "I+rA")])
     rows = rows[("toy", "I+rA", "IA")]
     assert [r[:3] for r in rows] == [["kl", "", "3"], ["jacobian", "0.1", "3"],
-                                     ["jacobian", "0.9", "3"]]
+                                     ["jacobian", "0.9", "2"]]
     assert rows[0][3] == "0.100 ± 0.000" and rows[0][5:] == ["", ""]
-    # 0.9, 1.0, 1.1: half-width t(0.975, 2) * 0.1 / sqrt(3)
-    assert rows[2][3].startswith("1.000 ± 0.248")
-    assert rows[2][4] == "0.900 (1 excluded)"
+    # 0.9 and 1.0 (the excluded seed's 1.1 left out): half-width t(0.975, 1) * 0.0707 / sqrt(2)
+    assert rows[2][3] == "0.950 ± 0.635"
+    assert rows[2][4] == "0.950 (1 excluded, left out)"
     assert rows[1][5:] == ["4", "3"]  # first evaluation point 8/2; median of 4 and 2 over the seeds
 
 
@@ -991,8 +1036,9 @@ def test_sweep_table_command_line(tmp_path):
     r = run_script("sweep_table.py", tmp_path / "r", "--setting", "alpha", "--columns",
                    "agreement:I+rA", "kl:IA")
     assert (r.returncode == 0
-            and "| jacobian | 0.9 | 3 | 1.000 ± 0.248 | 0.100 ± 0.000 | 0.900 (1 excluded) |"
-            in r.stdout)
+            and "| jacobian | 0.9 | 2 | 0.950 ± 0.635 | 0.100 ± 0.000 | "
+                "0.950 (1 excluded, left out) |" in r.stdout)
+    assert "left out: 1 run excluded by the fit rule (jacobian alpha=0.9: 1)" in r.stdout
     for bad, why in ((["--columns", "agreement"], "is not METRIC:SET"),
                      (["--columns", "agreement:B"], "no run"),
                      (["--setting", "lr", "--columns", "agreement:IA"], "no run")):
@@ -1009,3 +1055,124 @@ def test_figures_keep_excluded_runs_only_when_asked(tmp_path):
     assert 5 not in {r.seed for r in R.load_for_cli(str(tmp_path / "r"), None)[0]}
     assert 5 in {r.seed for r in R.load_for_cli(str(tmp_path / "r"), None, keep_excluded=True)[0]}
     assert figures.parser.parse_args([str(tmp_path / "r"), "--keep-excluded"]).keep_excluded
+    assert R.load_for_cli(str(tmp_path / "r"), None)[2][0].seed == 5  # for the tools' notes
+
+
+# ------------------------------------------------------------- one exclusion rule, every tool
+
+FIT_RULE = ["student_fit: the student fits held-out IA only 0.5 (floor 0.90)"]
+
+
+def test_table_leaves_excluded_runs_out_and_says_how_many(tmp_path, cli):
+    grid_results(tmp_path)
+    bad = result("toy", "IA", "I", "kl", 2, {"I": 0.0, "A": 0.0, "I+rA": 0.0})
+    write(tmp_path, "excluded.json", {**bad, "exclusions": FIT_RULE})
+    for by in ("cell", "category", "category8"):
+        r = cli("table.py", tmp_path, "--metric", "acc", "--by", by)
+        assert r.returncode == 0, r.stderr
+        assert "\nleft out: 1 run excluded by the fit rule (kl 1)\n" in r.stdout
+    r = cli("table.py", tmp_path, "--metric", "acc")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("| IA | I | I |"))
+    assert "| 0.550 ± 0.071" in line and line.endswith("| 2 |")  # seeds 0 and 1 only
+    r = cli("table.py", tmp_path, "--metric", "acc", "--keep-excluded")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("| IA | I | I |"))
+    assert "| 0.367 ± " in line and line.endswith("| 2/3 |")
+    assert "kept: 1 run excluded by the fit rule (kl 1), as --keep-excluded asks" in r.stdout
+
+
+def test_figures_leave_excluded_runs_out_and_footnote_them(tmp_path, cli, monkeypatch):
+    sweep_results(tmp_path / "r")
+    bad = result("toy", "I+rA", "IA", "jacobian", 5, {"IA": 0.5, "I+rA": 0.0}, alpha=0.9)
+    write(tmp_path / "r", "excluded.json", {**bad, "exclusions": FIT_RULE})
+    drawn = {}
+
+    def keep(fig, path, written):
+        ax = fig.axes[0]
+        drawn["jacobian"] = next(list(x.get_ydata()) for x in ax.get_lines()
+                                 if x.get_label() == "jacobian")
+        drawn["texts"] = [t.get_text() for t in fig.texts] + [fig.get_suptitle()]
+        written.append(path)
+    monkeypatch.setattr(figures, "save", keep)
+    r = cli("figures.py", tmp_path / "r", "--out", tmp_path / "f", "--kinds", "dose", "--dose",
+            "alpha", "--metrics", "agreement", "--sets", "I+rA")
+    assert r.returncode == 0, r.stderr
+    assert "toy: 12 runs" in r.stdout and "left out: 1 run excluded by the fit rule" in r.stdout
+    assert drawn["jacobian"] == pytest.approx([0.11, 0.51, 0.91])  # not pulled down by seed 5
+    assert drawn["texts"][-1].endswith(
+        "\nleft out: 1 run excluded by the fit rule (jacobian alpha=0.9: 1)")
+    r = cli("figures.py", tmp_path / "r", "--out", tmp_path / "f", "--kinds", "dose", "--dose",
+            "alpha", "--metrics", "agreement", "--sets", "I+rA", "--keep-excluded")
+    assert drawn["jacobian"][-1] == pytest.approx((0.91 * 3 + 0.0) / 4)
+    assert "\nkept: 1 run excluded by the fit rule (jacobian alpha=0.9: 1)" in drawn["texts"][-1]
+
+
+def test_sweep_tools_leave_excluded_runs_out_and_count_them(tmp_path, cli):
+    """sweep_table.py and choose_default.py load through the same rule: an excluded run at alpha
+    0.5, whose numbers would change both outputs, is counted and never averaged in."""
+    test_choose_default_takes_the_largest_weight_that_keeps_the_in_distribution_fit(tmp_path)
+    folder = tmp_path / "r"
+    bad = result("toy", "I+rA", "IA", "jacobian", 2, {"IA": 0.9, "I+rA": 0.0}, alpha=0.5)
+    bad["student"]["fit"] = {"config": "IA", "acc": 0.5, "agreement": 0.5, "fit": 0.5,
+                             "ok": False}
+    write(folder, "excluded.json", {**bad, "exclusions": FIT_RULE})
+    runs, excluded = R.load_sweep(str(folder), "alpha")
+    assert [r.seed for r in excluded] == [2] and 2 not in {r.seed for r in runs}
+    r = cli("choose_default.py", folder, "--setting", "alpha")
+    assert r.returncode == 0, r.stderr
+    assert "0.5: 0.945 (1 left out)" in r.stdout and "0.9: 0.900" in r.stdout
+    assert "=> alpha = 0.1" in r.stdout  # a value with an excluded student is not chosen
+    assert ("left out: 1 run excluded by the fit rule (jacobian alpha=0.5: 1) "
+            "(a value with one is not chosen)") in r.stdout
+    r = cli("sweep_table.py", folder, "--setting", "alpha", "--columns", "agreement:I+rA")
+    assert r.returncode == 0, r.stderr
+    row = next(x for x in r.stdout.splitlines() if x.startswith("| jacobian | 0.5 |"))
+    assert row.startswith("| jacobian | 0.5 | 2 | 0.500 ± 0.000 | 0.945 (1 excluded, left out) |")
+    assert "left out: 1 run excluded by the fit rule (jacobian alpha=0.5: 1)" in r.stdout
+
+
+# ----------------------------------------------------------------------------- data versions
+
+def test_runs_of_one_experiment_from_two_data_versions_are_refused(tmp_path):
+    write(tmp_path / "old", "a.json", {**result(seed=0), "provenance": {"data_version": 1}})
+    write(tmp_path / "new", "b.json", {**result(seed=1), "provenance": {"data_version": 2}})
+    write(tmp_path / "new", "c.json",
+          {**result("other", seed=0), "provenance": {"data_version": 7}})
+    with pytest.raises(R.UserError) as e:
+        R.load_results(str(tmp_path))
+    message = str(e.value)
+    assert "\n" not in message and "the toy runs in" in message
+    assert "data versions 1 and 2 (e.g. 1: old/a.json, 2: new/b.json)" in message
+    with pytest.raises(R.UserError, match="data versions 1 and 2"):
+        R.load_sweep(str(tmp_path), "alpha")
+    os.remove(tmp_path / "old" / "a.json")
+    assert {r.data_version for r in R.load_results(str(tmp_path))} == {2, 7}
+    write(tmp_path / "old", "a.json", result(seed=0))  # an older file without a version
+    with pytest.raises(R.UserError, match="data versions 2 and none recorded"):
+        R.load_results(str(tmp_path))
+
+
+def test_cli_refuses_two_data_versions_in_one_line(tmp_path, cli):
+    write(tmp_path, "a.json", {**result(seed=0), "provenance": {"data_version": 1}})
+    write(tmp_path, "b.json", {**result(seed=1), "provenance": {"data_version": 2}})
+    r = cli("table.py", tmp_path)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith("error: the toy runs in") and "Traceback" not in r.stderr
+
+
+def test_grid_does_not_count_a_result_of_another_data_version_as_done(grid_cli, tmp_path):
+    (tmp_path / "exp_fake.py").write_text("DATA_VERSION = 2\n" + FAKE)
+    assert grid.script_data_version(str(tmp_path / "exp_fake.py")) == 2
+    cache = ["--cache-dir", tmp_path / "cache"]
+    path = write(tmp_path / "res", "I_IA_kl_seed0.json",
+                 {**result(), "provenance": {"argv": cell_argv(tmp_path, "I_IA_kl_seed0"),
+                                             "data_version": 1}})
+    r = grid_cli("--dry-run", *cache)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"error: {path} exists but was made with data version 1, and the "
+                               "script's data is now at version 2")
+    assert "use another --results folder or delete the file" in r.stderr
+    write(tmp_path / "res", "I_IA_kl_seed0.json",
+          {**result(), "provenance": {"argv": cell_argv(tmp_path, "I_IA_kl_seed0"),
+                                      "data_version": 2}})
+    r = grid_cli("--dry-run", *cache)
+    assert r.returncode == 0 and r.stdout.startswith("done  "), r.stderr
