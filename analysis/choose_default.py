@@ -1,9 +1,10 @@
 """Choose a loss weight (or any swept setting) by a rule that never looks at the counterfactual
 sets.
 
-The rule: for each loss, the largest value of the swept setting whose student still fits held-out
-data of its own distillation configuration (the `fit` block of each result: accuracy on held-out
-samples of the student's configuration, e.g. `IA`) within `--tolerance` of plain KL's (mean over
+The rule: for each loss, the largest value of the swept setting whose student still fits validation
+data of its own distillation configuration (the `fit` block of each result: accuracy on validation
+images, which no run trains on and no test set uses, rendered in the student's configuration,
+e.g. `IA`) within `--tolerance` of plain KL's (mean over
 seeds). A larger weight on a Jacobian or contrastive term can only be bought while the student
 keeps doing its job in distribution; what that weight does off distribution is then measured, not
 chosen for.
@@ -37,9 +38,9 @@ parser.add_argument("--baseline", default="kl",
 parser.add_argument("--tolerance", type=float, default=0.01,
                     help="how far below the reference the fit may fall "
                          "(default 0.01, one point)")
-parser.add_argument("--measure", choices=("acc", "agreement", "fit"), default="acc",
-                    help="acc: accuracy on the held-out distillation data (default); agreement: "
-                         "with the teacher there; fit: the higher of the two")
+parser.add_argument("--measure", choices=("acc", "agreement"), default="acc",
+                    help="acc: accuracy on the student's validation data (default); agreement: "
+                         "with the teacher there")
 
 
 def choose(runs: list[R.Run], setting: str, baseline: str, tolerance: float,
@@ -104,7 +105,7 @@ def main() -> None:
     if not rows:
         raise UserError(f"no run other than {args.baseline} in {args.results} has a fit block and "
                         f"'{args.setting}'")
-    print(f"rule: the largest {args.setting} whose held-out {args.measure} on the student's own "
+    print(f"rule: the largest {args.setting} whose validation {args.measure} on the student's own "
           f"configuration is within {args.tolerance:g} of {args.baseline}'s (means over seeds; "
           "counterfactual sets not read)")
     for row in rows:

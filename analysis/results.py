@@ -75,7 +75,7 @@ class Run:
     # metric keys whose value is null, NaN or infinite
     nonfinite: list = field(default_factory=list)
     exclusions: list = field(default_factory=list)  # the script's reasons to leave the run out
-    # the student on held-out data of its own configuration: acc, agreement
+    # the student on validation data of its own configuration: acc, agreement
     fit: dict = field(default_factory=dict)
     # [(step, {loss term: norm of its weighted gradient})]
     grad_norms: list = field(default_factory=list)

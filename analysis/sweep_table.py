@@ -7,7 +7,7 @@
 
 Each row is one line of the dose-response figure at one value of the setting (plain KL, which has
 no weight, is the reference row): the mean ± 95 % CI half-width over seeds (Student-t) of each
-`metric:test set` column; the student's held-out fit on its own configuration (accuracy) and how
+`metric:test set` column; the student's validation fit on its own configuration (accuracy) and how
 many of its runs the scripts excluded; and which loss term drives training: the norm of the
 weighted KL term's gradient on the student's parameters divided by the other term's, at the first
 evaluation point (mean over seeds) and the median over every evaluation point and seed. As in every
@@ -107,7 +107,7 @@ def main() -> None:
             raise UserError(f"no run in {args.results} has {metric} on {test_set}; "
                             f"test sets: {', '.join(R.test_sets(runs))}; "
                             f"metrics: {', '.join(R.metrics(runs))}")
-    header = ["loss", args.setting, "n", *[f"{m} `{s}`" for m, s in columns], "held-out fit",
+    header = ["loss", args.setting, "n", *[f"{m} `{s}`" for m, s in columns], "validation fit",
               "KL/other grad, first eval", "median"]
     for key, rows in tables(runs + excluded, args.setting, columns).items():
         experiment, teacher, student = key
