@@ -170,14 +170,16 @@ def main():
     data = make_data(args)
     image_size = tuple(data.student_train.x.shape[2:])  # (H, W): LeNet's classifier needs it
 
+    def build(settings):  # the teacher's or the student's network, from its settings
+        return common.build_model(settings.arch, 3, NUM_CLASSES, settings.width, image_size)
+
     # ------------------------------------------------------------------------- teacher
-    teacher = harness.get_teacher(run, lambda: common.build_model(
-        run.teacher.arch, 3, NUM_CLASSES, run.teacher.width, image_size), data.teacher_train,
-        data.teacher_validation)
+    teacher = harness.get_teacher(run, lambda: build(run.teacher), data.teacher_train,
+                                  data.teacher_validation)
 
     # ------------------------------------------------------------------------- student
     harness.seed_everything(run.student.seed + 1)
-    student = common.build_model(run.student.arch, 3, NUM_CLASSES, run.student.width, image_size)
+    student = build(run.student)
     distilled = common.distill(student, teacher.model, data.student_train, run.student,
                                run.device, data.test_sets)
 
