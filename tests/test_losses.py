@@ -350,8 +350,11 @@ def test_pair_metrics_by_hand():
                        for s, t in zip(student, teacher)])
     assert m["kl"] == pytest.approx(hand_kl, rel=1e-5)
     assert m["groups"] == {"0": 0.5, "1": 0.0}
-    assert m["worst_group_acc"] == 0.0 and m["avg_acc"] == pytest.approx(0.25)
+    assert m["worst_group_acc"] == 0.0 and m["mean_group_acc"] == pytest.approx(0.25)
     assert m["group_agreement"] == {"0": 0.5, "1": 1.0}
+    # the average weighted by the training set's group shares, over the groups the set has
+    weighted = harness.weigh_groups(dict(m), {"0": 0.9, "1": 0.05, "2": 0.05})
+    assert weighted["avg_acc"] == pytest.approx((0.9 * 0.5 + 0.05 * 0.0) / 0.95)
 
 
 def test_parse_config():
