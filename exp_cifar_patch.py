@@ -411,18 +411,19 @@ def make_data(args: argparse.Namespace, test_configs: Optional[tuple[str, ...]] 
     patterns = mandelbrot_patterns(train_x.shape[-1] // 4) if args.patch_pattern == "mandelbrot" \
         else None
     items = load_domino_items(args.domino_data, args.data_root, args.download) \
-        if args.dominoes else (None,) * 6
+        if args.dominoes else None
     test_configs = test_configs or TEST_CONFIGS + (DOMINO_TEST_CONFIGS if args.dominoes else ())
     configs = (args.teacher_config, args.student_config)
     fracs = (args.spurious_frac, args.spurious_frac_b)
 
-    def draw(x, y, config, frac, kind, seed, top):
-        return render(x, y, config, *frac, patterns, blank, None if top[0] is None else top,
+    def draw(x, y, config, frac, kind, seed, split):  # split: 0 train, 1 validation, 2 test
+        top = None if items is None else items[2 * split:2 * split + 2]
+        return render(x, y, config, *frac, patterns, blank, top,
                       harness.stream(seed, f"{kind}/{config}"))
-    train = {c: draw(train_x, train_y, c, fracs, "train", args.seed, items[:2]) for c in configs}
-    validation = {c: draw(val_x, val_y, c, fracs, "validation", harness.TEST_SEED, items[2:4])
+    train = {c: draw(train_x, train_y, c, fracs, "train", args.seed, 0) for c in configs}
+    validation = {c: draw(val_x, val_y, c, fracs, "validation", harness.TEST_SEED, 1)
                   for c in configs}
-    tests = {c: draw(test_x, test_y, c, (1.0, 1.0), "test", harness.TEST_SEED, items[4:])
+    tests = {c: draw(test_x, test_y, c, (1.0, 1.0), "test", harness.TEST_SEED, 2)
              for c in test_configs}
     log(f"data: {args.data}{' + ' + args.domino_data + ' dominoes' if args.dominoes else ''}, "
         f"patch {args.patch_pattern}, {len(train_y)} training images "

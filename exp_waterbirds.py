@@ -498,12 +498,12 @@ def make_data(args: argparse.Namespace, log: Callable[[str], None] = print) -> h
     the run's seed, validation and test sets from harness.TEST_SEED (the same for every seed)."""
     configs = (args.teacher_config, args.student_config)
     if args.data == "generated":
-        def draw(kind, seed, n, frac):
+        def draw(kind, seed, n):  # scenes of their own, then each configuration's images
             scenes = Scenes(n, args.image_size, harness.stream(seed, f"{kind}-scenes"))
-            return {c: training_set(scenes, c, frac, harness.stream(seed, f"{kind}/{c}"))
-                    for c in configs}, scenes
-        trains, _ = draw("train", args.seed, args.n_train or 4000, args.spurious_frac)
-        vals, _ = draw("validation", harness.TEST_SEED, args.n_test or 800, args.spurious_frac)
+            return {c: training_set(scenes, c, args.spurious_frac,
+                                    harness.stream(seed, f"{kind}/{c}")) for c in configs}
+        trains = draw("train", args.seed, args.n_train or 4000)
+        vals = draw("validation", harness.TEST_SEED, args.n_test or 800)
         test_scenes = Scenes(args.n_test or 800, args.image_size,
                              harness.stream(harness.TEST_SEED, "test-scenes"))
         tests = generated_test_sets(test_scenes, harness.stream(harness.TEST_SEED, "test/I+rA"))
