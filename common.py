@@ -543,6 +543,21 @@ def _update(loss: torch.Tensor, opt, sched, step: int, what: str) -> None:
     sched.step()
 
 
+def shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of [B, C, H, W] moved by its own random offset of at most `shift` pixels per
+    axis, zeros filling in: a teacher that sees its few training digits at other positions
+    generalises to new ones better."""
+    if shift == 0:
+        return x
+    b, _, h, w = x.shape
+    dy, dx = (torch.randint(2 * shift + 1, (2, b), generator=generator).to(x.device))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    padded = F.pad(x, (shift, shift, shift, shift))
+    return padded[torch.arange(b, device=x.device)[:, None, None, None],
+                  torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+
+
 def train_teacher(model: nn.Module, train: TensorSet, settings: TeacherSettings,
                   device: torch.device) -> nn.Module:
     """Cross-entropy training as `settings` say; returns the model frozen in eval mode."""
@@ -552,8 +567,8 @@ def train_teacher(model: nn.Module, train: TensorSet, settings: TeacherSettings,
     gen = torch.Generator().manual_seed(settings.seed)
     with tqdm(total=settings.steps, desc="teacher", disable=None, leave=False) as bar:
         for step, idx in _batches(len(train.y), settings.batch_size, settings.steps, gen):
-            idx = idx.to(device)
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            x = shifted(train.x[idx.to(device)], settings.shift, gen)
+            loss = F.cross_entropy(model(x), train.y[idx.to(device)])
             _update(loss, opt, sched, step, "teacher")
             bar.update(1)
             if step % 50 == 0:

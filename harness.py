@@ -60,6 +60,7 @@ def setting(default, help: str, *, check: Optional[str] = None, choices: tuple =
 
 CHECKS = {"positive": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
           "count": (lambda v: v >= 1, "at least 1"),
+          "count0": (lambda v: v >= 0, "at least 0"),
           "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]")}
 
 
@@ -77,6 +78,8 @@ class TeacherSettings:
     momentum: float = setting(0.9, "SGD momentum", check="fraction")
     weight_decay: float = setting(5e-4, "SGD weight decay", check="fraction")
     min_lr_frac: float = setting(0.01, "final / peak learning rate", check="fraction")
+    shift: int = setting(0, "shift each training image by up to this many pixels, a fresh random "
+                         "shift each step (zeros fill in)", check="count0")
     seed: int = setting(0, "initialisation and batch order (set by --seed)", flag="")
 
 

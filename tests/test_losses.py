@@ -444,3 +444,23 @@ def test_term_gradient_norms_by_hand():
                              if g is not None]).norm().item()
         assert norms[name] == pytest.approx(by_hand, rel=1e-5) and by_hand > 0
     common.total_loss(terms).backward()  # the graph is still there for the update
+
+
+@pytest.mark.parametrize("shift", [1, 2])
+def test_shifted_moves_each_image_by_its_own_offset_within_the_bound(shift):
+    """Every output image is its input moved by some (dy, dx) with |dy|, |dx| <= shift and zeros
+    where nothing moved in; the offsets differ between images; shift 0 changes nothing."""
+    b, c, h, w = 64, 3, 6, 7
+    x = torch.arange(1, b * c * h * w + 1, dtype=torch.float32).reshape(b, c, h, w)
+    out = common.shifted(x, shift, torch.Generator().manual_seed(0))
+    padded = F.pad(x, (shift,) * 4)
+    offsets = set()
+    for i in range(b):
+        found = [(dy, dx) for dy in range(2 * shift + 1) for dx in range(2 * shift + 1)
+                 if torch.equal(out[i], padded[i, :, dy:dy + h, dx:dx + w])]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 1
+    assert torch.equal(common.shifted(x, 0, torch.Generator().manual_seed(0)), x)
+    again = common.shifted(x, shift, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)
