@@ -81,7 +81,7 @@ TEACHER = harness.TeacherSettings(lr=0.02)  # 1,500 steps: at 1,000 seed 3 misse
 DISTILL = harness.DistillSettings(width=8, steps=400, lr=0.003)
 # The weight of the Jacobian or contrastive term in (1 - alpha) KL + alpha term, per loss: the
 # largest that keeps the student's validation fit within one point of plain KL's (docs/transfer.md).
-ALPHA = {"jacobian": 0.9, "contrastive": 0.3}
+ALPHA = {"jacobian": 0.9, "contrastive": 0.5}
 
 # ----------------------------------------------------------------------------- flags
 
