@@ -567,8 +567,8 @@ def train_teacher(model: nn.Module, train: TensorSet, settings: TeacherSettings,
     gen = torch.Generator().manual_seed(settings.seed)
     with tqdm(total=settings.steps, desc="teacher", disable=None, leave=False) as bar:
         for step, idx in _batches(len(train.y), settings.batch_size, settings.steps, gen):
-            x = shifted(train.x[idx.to(device)], settings.shift, gen)
-            loss = F.cross_entropy(model(x), train.y[idx.to(device)])
+            idx = idx.to(device)
+            loss = F.cross_entropy(model(shifted(train.x[idx], settings.shift, gen)), train.y[idx])
             _update(loss, opt, sched, step, "teacher")
             bar.update(1)
             if step % 50 == 0:

@@ -60,7 +60,7 @@ def setting(default, help: str, *, check: Optional[str] = None, choices: tuple =
 
 CHECKS = {"positive": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
           "count": (lambda v: v >= 1, "at least 1"),
-          "count0": (lambda v: v >= 0, "at least 0"),
+          "nonnegative": (lambda v: v >= 0, "at least 0"),
           "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]")}
 
 
@@ -79,7 +79,7 @@ class TeacherSettings:
     weight_decay: float = setting(5e-4, "SGD weight decay", check="fraction")
     min_lr_frac: float = setting(0.01, "final / peak learning rate", check="fraction")
     shift: int = setting(0, "shift each training image by up to this many pixels, a fresh random "
-                         "shift each step (zeros fill in)", check="count0")
+                         "shift each step (zeros fill in)", check="nonnegative")
     seed: int = setting(0, "initialisation and batch order (set by --seed)", flag="")
 
 
