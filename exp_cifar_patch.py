@@ -109,6 +109,9 @@ g.add_argument("--download", action="store_true",
 g.add_argument("--domino-data", choices=("digits", "fashionmnist", "mnist"), default="digits",
                help="items of the top half: scikit-learn's digits, offline (default), or "
                     "torchvision's FashionMNIST / MNIST")
+g.add_argument("--clutter", type=int, default=2,
+               help="distractor ellipses per generated shapes image (default 2; 0 makes the "
+                    "objects easier to learn)")
 g.add_argument("--n-train", type=int, default=4000, help="training images (0 = all; default 4000)")
 g.add_argument("--n-test", type=int, default=1000,
                help="held-out images per test set (0 = all; default 1000)")
@@ -134,6 +137,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             hint = (" (add --dominoes for mechanism B)" if "B" in config and not args.dominoes
                     else "")
             raise common.UserError(f"{flag}: {e}{hint}")
+    harness.check_value(args.clutter, "nonnegative", "--clutter")
+    if args.clutter != 2 and args.data != "shapes":
+        raise common.UserError("--clutter changes the generated shapes; --data cifar10 has none")
     if args.n_train < 0 or args.n_test < 0:
         raise common.UserError("--n-train and --n-test must be at least 0 (0 = all)")
     needs_root = args.data == "cifar10" or args.dominoes and args.domino_data != "digits"
@@ -260,15 +266,16 @@ def read_cifar_batches(folder: str, names: list[str]) -> tuple[torch.Tensor, tor
 
 
 def load_images(data: str, root: Optional[str], download: bool, n_train: int,
-                n_test: int) -> tuple[torch.Tensor, ...]:
+                n_test: int, clutter: int = 2) -> tuple[torch.Tensor, ...]:
     """Images [N, 3, 32, 32] in [0, 1] with labels: (train_x, train_y, validation_x,
     validation_y, test_x, test_y). The generated shapes are n_train, n_test and n_test images
     (0: 10,000, 2,000, 2,000); CIFAR-10 is read whole, its last 5,000 training images held out for
     validation."""
     if data == "shapes":
         # a fixed data set for every seed, each split from its own generator seed
-        return (*make_shapes(n_train or 10000, seed=1000), *make_shapes(n_test or 2000, seed=3000),
-                *make_shapes(n_test or 2000, seed=2000))
+        return (*make_shapes(n_train or 10000, seed=1000, clutter=clutter),
+                *make_shapes(n_test or 2000, seed=3000, clutter=clutter),
+                *make_shapes(n_test or 2000, seed=2000, clutter=clutter))
     folder = os.path.join(root, "cifar-10-batches-py")
     if download:  # torchvision downloads, checks the MD5s and unpacks; the batches are read below
         from torchvision.datasets import CIFAR10
@@ -396,30 +403,37 @@ def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: floa
 
 
 def make_data(args: argparse.Namespace, test_configs: Optional[tuple[str, ...]] = None,
-              log: Callable[[str], None] = print) -> harness.Data:
+              log: Callable[[str], None] = print, memo: Optional[dict] = None) -> harness.Data:
     """Training, validation and test sets (default: TEST_CONFIGS, and DOMINO_TEST_CONFIGS with
     --dominoes), each from its own random stream: training sets from the run's seed, validation
-    and test sets from harness.TEST_SEED (the same for every seed)."""
-    train_x, train_y, val_x, val_y, test_x, test_y = load_images(
-        args.data, args.data_root, args.download, args.n_train, args.n_test)
+    and test sets from harness.TEST_SEED (the same for every seed). `memo` (a grid engine's) keeps
+    the images and every set drawn, for the process's later runs."""
+    source = (args.data, args.data_root, args.n_train, args.n_test, args.clutter)
+    train_x, train_y, val_x, val_y, test_x, test_y = harness.remember(
+        memo, ("images",) + source, lambda: load_images(
+            args.data, args.data_root, args.download, args.n_train, args.n_test, args.clutter))
     if args.n_train:
         train_x, train_y = train_x[:args.n_train], train_y[:args.n_train]
     if args.n_test:
         val_x, val_y = val_x[:args.n_test], val_y[:args.n_test]
         test_x, test_y = test_x[:args.n_test], test_y[:args.n_test]
     blank = train_x.mean((0, 2, 3))[:, None, None].expand(3, 32, 32)  # absent I: the mean colour
-    patterns = mandelbrot_patterns(train_x.shape[-1] // 4) if args.patch_pattern == "mandelbrot" \
-        else None
-    items = load_domino_items(args.domino_data, args.data_root, args.download) \
-        if args.dominoes else None
+    patterns = harness.remember(memo, ("mandelbrot", train_x.shape[-1] // 4),
+                                lambda: mandelbrot_patterns(train_x.shape[-1] // 4)) \
+        if args.patch_pattern == "mandelbrot" else None
+    items = harness.remember(memo, ("items", args.domino_data, args.data_root),
+                             lambda: load_domino_items(args.domino_data, args.data_root,
+                                                       args.download)) if args.dominoes else None
     test_configs = test_configs or TEST_CONFIGS + (DOMINO_TEST_CONFIGS if args.dominoes else ())
     configs = (args.teacher_config, args.student_config)
     fracs = (args.spurious_frac, args.spurious_frac_b)
 
     def draw(x, y, config, frac, kind, seed, split):  # split: 0 train, 1 validation, 2 test
         top = None if items is None else items[2 * split:2 * split + 2]
-        return render(x, y, config, *frac, patterns, blank, top,
-                      harness.stream(seed, f"{kind}/{config}"))
+        key = ("set", *source, args.patch_pattern, args.dominoes and args.domino_data, *frac,
+               kind, config, seed)
+        return harness.remember(memo, key, lambda: render(
+            x, y, config, *frac, patterns, blank, top, harness.stream(seed, f"{kind}/{config}")))
     train = {c: draw(train_x, train_y, c, fracs, "train", args.seed, 0) for c in configs}
     validation = {c: draw(val_x, val_y, c, fracs, "validation", harness.TEST_SEED, 1)
                   for c in configs}
@@ -435,10 +449,12 @@ def make_data(args: argparse.Namespace, test_configs: Optional[tuple[str, ...]] 
 
 # ----------------------------------------------------------------------------- main
 
-def main():
-    args = parse_args()
-    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
-    data = make_data(args)
+def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
+    """One run. `memo`: what a grid engine keeps between the runs of one process (data, teachers,
+    their test-set logits, students no teacher changes); None for a single run."""
+    args = parse_args(argv)
+    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL, argv)
+    data = make_data(args, memo=memo)
     notes = [MANDELBROT_NOTE] if args.patch_pattern == "mandelbrot" else []
     for note in notes:
         print(f"note: {note}")
@@ -449,16 +465,15 @@ def main():
 
     # ------------------------------------------------------------------------- teacher
     teacher = harness.get_teacher(run, lambda: build(run.teacher), data.teacher_train,
-                                  data.teacher_validation)
+                                  data.teacher_validation, memo=memo)
 
     # ------------------------------------------------------------------------- student
     harness.seed_everything(run.student.seed + 1)
     student = build(run.student)
-    distilled = common.distill(student, teacher.model, data.student_train, run.student,
-                               run.device, data.test_sets)
+    distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    harness.finish(run, teacher, student, distilled, data, notes=notes)
+    return harness.finish(run, teacher, student, distilled, data, notes=notes)
 
 
 if __name__ == "__main__":

@@ -168,9 +168,11 @@ def make_data(args: argparse.Namespace, test_configs: tuple[str, ...] = TEST_CON
 
 # ----------------------------------------------------------------------------- main
 
-def main():
-    args = parse_args()
-    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
+def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
+    """One run. `memo`: what a grid engine keeps between the runs of one process (data, teachers,
+    their test-set logits, students no teacher changes); None for a single run."""
+    args = parse_args(argv)
+    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL, argv)
     data = make_data(args)
     image_size = tuple(data.student_train.x.shape[2:])  # (H, W): LeNet's classifier needs it
 
@@ -179,16 +181,15 @@ def main():
 
     # ------------------------------------------------------------------------- teacher
     teacher = harness.get_teacher(run, lambda: build(run.teacher), data.teacher_train,
-                                  data.teacher_validation)
+                                  data.teacher_validation, memo=memo)
 
     # ------------------------------------------------------------------------- student
     harness.seed_everything(run.student.seed + 1)
     student = build(run.student)
-    distilled = common.distill(student, teacher.model, data.student_train, run.student,
-                               run.device, data.test_sets)
+    distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    harness.finish(run, teacher, student, distilled, data)
+    return harness.finish(run, teacher, student, distilled, data)
 
 
 if __name__ == "__main__":

@@ -524,24 +524,25 @@ def make_data(args: argparse.Namespace, log: Callable[[str], None] = print) -> h
 
 # ----------------------------------------------------------------------------- main
 
-def main():
-    args = parse_args()
-    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL)
+def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
+    """One run. `memo`: what a grid engine keeps between the runs of one process (data, teachers,
+    their test-set logits, students no teacher changes); None for a single run."""
+    args = parse_args(argv)
+    run = harness.start(EXPERIMENT, DATA_VERSION, args, TEACHER, DISTILL, argv)
     data = make_data(args)
 
     # ------------------------------------------------------------------------- teacher
     teacher = harness.get_teacher(run, lambda: build_model(
         run.teacher.arch, run.teacher.width, args.pretrained, args.image_size),
-        data.teacher_train, data.teacher_validation)
+        data.teacher_train, data.teacher_validation, memo=memo)
 
     # ------------------------------------------------------------------------- student
     harness.seed_everything(run.student.seed + 1)
     student = build_model(run.student.arch, run.student.width, args.pretrained, args.image_size)
-    distilled = common.distill(student, teacher.model, data.student_train, run.student,
-                               run.device, data.test_sets)
+    distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    harness.finish(run, teacher, student, distilled, data,
+    return harness.finish(run, teacher, student, distilled, data,
                    groups={str(g): name for g, name in enumerate(GROUP_NAMES)})
 
 

@@ -35,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 from common import (ARCHS, JACOBIAN_METHODS, LOSSES, TensorSet, UserError, evaluate_student,
-                    freeze, predict, teacher_metrics, train_teacher, with_alpha)
+                    freeze, in_format, predict, teacher_metrics, train_teacher, with_alpha)
 
 TEST_SEED = 12345  # test and validation sets are drawn with this seed: the same for every --seed
 MAX_SEED = 2 ** 31 - 2  # numpy takes seeds below 2**32; the student uses seed + 1
@@ -106,6 +107,9 @@ class DistillSettings:
     lr: float = setting(1e-3, "student's peak learning rate (Adam)", check="positive")
     min_lr_frac: float = setting(0.01, "final / peak learning rate", check="fraction",
                                  flag="--min-lr-frac")
+    warmup: int = setting(0, "steps of linear learning-rate warm-up before the cosine decay "
+                          "(a small student at a high lr can die in its first steps without)",
+                          check="nonnegative")
     alpha: Optional[float] = loss_setting(None, "weight of the Jacobian or contrastive term",
                                           check="fraction")
     temperature: float = loss_setting(4.0, "KL distillation temperature T", check="positive")
@@ -215,9 +219,11 @@ def git_state() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def environment(device: torch.device) -> dict:
-    """What ran the experiment, stored in every result: code, library versions, hardware."""
-    env = {**git_state(), "argv": sys.argv[1:], "python": platform.python_version(),
+def environment(device: torch.device, argv: Optional[list[str]] = None) -> dict:
+    """What ran the experiment, stored in every result: code, arguments (default: this process's),
+    library versions, hardware."""
+    env = {**git_state(), "argv": sys.argv[1:] if argv is None else list(argv),
+           "python": platform.python_version(),
            "torch": torch.__version__, "numpy": np.__version__,
            "scikit-learn": _version("sklearn"), "torchvision": _version("torchvision"),
            "device": str(device), "platform": platform.platform(),
@@ -236,6 +242,27 @@ def digest(*tensors: Optional[torch.Tensor]) -> str:
             h.update(f"{tuple(t.shape)} {t.dtype};".encode())
             h.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
+
+
+def remember(memo: Optional[dict], key: tuple, compute: Callable[[], object]):
+    """compute(), or its value stored in `memo` under `key` (a grid engine keeps one memo for all
+    the cells it runs in one process; a single run passes None and computes)."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def digest_of(memo: Optional[dict], *tensors: Optional[torch.Tensor]) -> str:
+    """digest(*tensors), computed once per tensor object in a memo (which keeps the tensors alive,
+    so that their ids are not reused)."""
+    if memo is None:
+        return digest(*tensors)
+    key = ("digest",) + tuple(id(t) for t in tensors)
+    if key not in memo or any(a is not b for a, b in zip(memo[key][0], tensors)):
+        memo[key] = (tensors, digest(*tensors))
+    return memo[key][1]
 
 
 # ----------------------------------------------------------------------------- data
@@ -336,7 +363,7 @@ def bookkeeping_args() -> set[str]:
     """The arguments that say where or how a run was executed, not what was trained: runs that
     differ only in these (and the seed) are repeats of the same cell."""
     run = {"seed", "out", "cache_dir", "retrain_teacher", "device", "smoke", "download",
-           "data_root", "teacher_config", "student_config", "loss"}
+           "data_root", "teacher_config", "student_config", "loss", "channels_last"}
     return run | {f.dest for cls in (TeacherSettings, DistillSettings)
                   for f in settings_flags(cls) if f.field.metadata["bookkeeping"]}
 
@@ -392,6 +419,10 @@ def add_settings_flags(parser: argparse.ArgumentParser, teacher: TeacherSettings
                         "validation data of its own configuration is below this, whatever its "
                         "loss (default: halfway between chance and 1; 0 with --smoke)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--channels-last", action="store_true",
+                   help="convolutions in channels-last memory layout: about 1.5 times faster "
+                        "small-CNN steps on a CPU, numbers that differ from the default layout's "
+                        "in the last bits (teachers are cached per layout)")
     g.add_argument("--out", default=None, help="result JSON path (default "
                    "results/<experiment>/<teacher>_<student>_<loss>_seed<seed>.json)")
     g.add_argument("--cache-dir", default="cache/teachers",
@@ -460,10 +491,12 @@ class Run(NamedTuple):
     device: torch.device
     out: str
     started: float
+    argv: Optional[list[str]] = None  # the run's arguments, when not this process's
 
 
 def start(experiment: str, data_version: int, args: argparse.Namespace,
-          teacher: TeacherSettings, student: DistillSettings) -> Run:
+          teacher: TeacherSettings, student: DistillSettings,
+          argv: Optional[list[str]] = None) -> Run:
     """Before any training is spent: the settings (the script's blocks with the flags applied,
     printed), the device, a writable result path and teacher cache."""
     teacher, student = settings_from_flags(args, teacher, student)
@@ -475,7 +508,8 @@ def start(experiment: str, data_version: int, args: argparse.Namespace,
     seed_everything(args.seed)
     for name, block in (("teacher", teacher), ("student", student)):
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(block).items()))
-    return Run(experiment, data_version, args, teacher, student, device, out, time.perf_counter())
+    return Run(experiment, data_version, args, teacher, student, device, out, time.perf_counter(),
+               argv)
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -593,7 +627,7 @@ def train_until_it_learns(run: Run, build: Callable[[], nn.Module], model: nn.Mo
             torch.manual_seed(settings.seed + 1000 * attempt)
             model = build()
         teacher = train_teacher(model, train, dataclasses.replace(
-            settings, seed=settings.seed + 1000 * attempt), run.device)
+            settings, seed=settings.seed + 1000 * attempt), run.device, run.args.channels_last)
         check = teacher_check(teacher, validation, floor, run.args.teacher_config, log)
         if check["ok"]:
             break
@@ -601,23 +635,32 @@ def train_until_it_learns(run: Run, build: Callable[[], nn.Module], model: nn.Mo
 
 
 def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
-                validation: TensorSet, log: Callable[[str], None] = print) -> Teacher:
+                validation: TensorSet, log: Callable[[str], None] = print,
+                memo: Optional[dict] = None) -> Teacher:
     """Load the cached teacher or train it on `train`, then one check on `validation` (validation
     data of its own configuration): a teacher below its floor or with non-finite weights stops
     the run before anything is distilled or cached.
 
     The cache key is built from what determines the teacher: the digest of its training data and
     of its initial weights (which the architecture and the build decide), its settings, the
-    experiment, the data version and the device type."""
+    experiment, the data version, the device type and the memory layout. In a grid engine
+    (`memo`) a teacher loaded or trained once stays in memory with its check for later cells."""
     args = run.args
     torch.manual_seed(run.teacher.seed)
     model = build()
     key = {"experiment": run.experiment, "data_version": run.data_version,
            "settings": dataclasses.asdict(run.teacher), "device": run.device.type,
-           "data": digest(*train), "init": digest(*model.state_dict().values())}
+           "data": digest_of(memo, *train), "init": digest(*model.state_dict().values()),
+           **({"channels_last": True} if args.channels_last else {})}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"{name}.pt")
     floor = floor_of(args.teacher_min_acc, args.smoke, model.classifier.out_features)
+    kept = None if memo is None or args.retrain_teacher else memo.get(("teacher", name, floor))
+    if kept is not None:
+        log(f"teacher: loaded from cache {path} (kept in memory since an earlier cell)")
+        teacher, check = kept
+        return Teacher(teacher, {"cache_key": name, "cached": True, "validation_acc": check["acc"],
+                                 "floor": floor, "attempts": 0, "train_s": 0.0})
     started = time.perf_counter()
     with cache_lock(args.cache_dir, name) as writable:
         if args.retrain_teacher:
@@ -627,7 +670,7 @@ def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
                                                     f"--retrain-teacher")
         if teacher is not None:
             log(f"teacher: loaded from cache {path}")
-            teacher, attempts = freeze(teacher.to(run.device)), 0
+            teacher, attempts = freeze(in_format(teacher.to(run.device), args.channels_last)), 0
             check = teacher_check(teacher, validation, floor, args.teacher_config, log)
         elif not writable:
             raise UserError(f"--cache-dir {args.cache_dir} is read-only and does not hold this "
@@ -650,9 +693,52 @@ def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
                             f"floor)")
         if attempts:
             save_cached(path, key, teacher, log)
+    if memo is not None:
+        memo[("teacher", name, floor)] = (teacher, check)
     return Teacher(teacher, {"cache_key": name, "cached": not attempts,
                              "validation_acc": check["acc"], "floor": floor, "attempts": attempts,
                              "train_s": time.perf_counter() - started if attempts else 0.0})
+
+
+# ----------------------------------------------------------------------------- the student
+
+def distill(run: Run, teacher: Teacher, student: nn.Module, data: Data,
+            memo: Optional[dict] = None) -> dict:
+    """common.distill of `student` from `teacher` on the student's training set. In a grid engine
+    (`memo`) the teacher's logits on the test sets are computed once per teacher, and a student
+    whose loss never reads the teacher (ce) is trained once per training set, settings and
+    initialisation, then evaluated against each teacher: the same numbers as a run of its own."""
+    channels_last = run.args.channels_last
+    if memo is None:
+        return common.distill(student, teacher.model, data.student_train, run.student, run.device,
+                              data.test_sets, channels_last=channels_last)
+    tests = sorted(data.test_sets.items())
+    tests_key = digest_of(memo, *[t for _, s in tests for t in s])
+    model = in_format(teacher.model.to(run.device), channels_last)
+    teacher_logits = remember(memo, ("test logits", teacher.record["cache_key"], tests_key),
+                              lambda: {name: predict(model, s.x).cpu() for name, s in tests})
+    if LOSSES[run.student.loss].needs:
+        return common.distill(student, teacher.model, data.student_train, run.student, run.device,
+                              data.test_sets, teacher_logits=teacher_logits,
+                              channels_last=channels_last)
+    key = ("student", digest_of(memo, *data.student_train), tests_key, channels_last,
+           json.dumps(dataclasses.asdict(run.student), sort_keys=True),
+           digest(*student.state_dict().values()))
+    if key not in memo:
+        distilled = common.distill(student, teacher.model, data.student_train, run.student,
+                                   run.device, data.test_sets, teacher_logits=teacher_logits,
+                                   keep_logits=True, channels_last=channels_last)
+        memo[key] = ({k: v.detach().clone() for k, v in student.state_dict().items()}, distilled)
+        return distilled
+    print("student: its loss never reads the teacher; the same student was trained for an "
+          "earlier cell and is evaluated against this teacher")
+    weights, distilled = memo[key]
+    student.load_state_dict(weights)
+    in_format(student.to(run.device), channels_last)
+    return {**distilled, "teacher_logits": teacher_logits,
+            "curves": common.curves_against(distilled["curves"], distilled["curve_logits"],
+                                            data.test_sets, teacher_logits),
+            "timing": {**distilled["timing"], "reused": True}}
 
 
 # ----------------------------------------------------------------------------- the result
@@ -662,13 +748,15 @@ def student_fit(run: Run, student_logits: torch.Tensor, teacher: nn.Module,
     """The one fit rule, the same for every loss: the student's accuracy on validation data of its
     own configuration against a floor between chance and 1. Below it the run is excluded from
     analysis: a student that never fit its data says nothing about what it learned from the
-    teacher. Agreement with the teacher is recorded beside it, not used."""
-    s_pred = student_logits.argmax(1).cpu()
-    acc = (s_pred == validation.y.cpu()).float().mean().item()
-    agreement = (s_pred == predict(teacher, validation.x).argmax(1).cpu()).float().mean().item()
+    teacher. Agreement with the teacher, and the teacher's own accuracy on these data (a student
+    that follows a teacher below the floor there cannot fit), are recorded beside it, not used."""
+    s_pred, t_pred = student_logits.argmax(1).cpu(), predict(teacher, validation.x).argmax(1).cpu()
+    y = validation.y.cpu()
+    acc = (s_pred == y).float().mean().item()
     floor = floor_of(run.args.student_min_fit, run.args.smoke, student_logits.shape[1])
-    return {"config": run.args.student_config, "acc": acc, "agreement": agreement,
-            "floor": floor, "ok": acc >= floor}
+    return {"config": run.args.student_config, "acc": acc,
+            "agreement": (s_pred == t_pred).float().mean().item(),
+            "teacher_acc": (t_pred == y).float().mean().item(), "floor": floor, "ok": acc >= floor}
 
 
 def weigh_groups(metrics: dict, shares: dict[str, float]) -> dict:
@@ -702,7 +790,9 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data
     fit = student_fit(run, student_logits, teacher.model, data.student_validation)
     exclusions = [] if fit["ok"] else [
         f"student_fit: the student's accuracy on validation {fit['config']} is only "
-        f"{fit['acc']:.3f} (floor {fit['floor']:.3f})"]
+        f"{fit['acc']:.3f} (floor {fit['floor']:.3f})"
+        + (f"; its teacher's is {fit['teacher_acc']:.3f} there" if fit["teacher_acc"] < fit["floor"]
+           else "")]
     groups = data.student_train.group
     shares = {} if groups is None else {
         str(g): (groups == g).float().mean().item() for g in torch.unique(groups).tolist()}
@@ -720,7 +810,7 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data
         "settings": {"teacher": dataclasses.asdict(run.teacher),
                      "student": dataclasses.asdict(run.student)},
         "exclusions": exclusions,
-        "provenance": {**environment(run.device), "data_version": run.data_version,
+        "provenance": {**environment(run.device, run.argv), "data_version": run.data_version,
                        "test_seed": TEST_SEED, "teacher_cache_key": record["cache_key"]},
         "teacher": {**record, "eval": teacher_eval},
         "student": {"fit": fit, "eval": student_eval,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import fcntl
 import itertools
 import json
@@ -58,6 +59,9 @@ if ROOT not in sys.path:
 from common import LOSSES, UserError  # noqa: E402
 from harness import run_cli  # noqa: E402
 from analysis.results import is_config  # noqa: E402
+from analysis.engine import supports_engine  # noqa: E402
+
+ENGINE = os.path.join(ROOT, "analysis", "engine.py")
 
 # slowest first, so the pool ends on short cells
 COST_ORDER = ("jacobian", "contrastive", "kl", "ce")
@@ -98,6 +102,9 @@ parser.add_argument("--threads", type=int, default=1, help="CPU threads per cell
 parser.add_argument("--python", default=sys.executable,
                     help="Python that runs the script (default: this one)")
 parser.add_argument("--dry-run", action="store_true", help="print the cells' commands and exit")
+parser.add_argument("--per-process", action="store_true",
+                    help="run each cell as its own process (the default, for scripts whose main "
+                         "takes a memo, is one engine process per worker: analysis/engine.py)")
 g = parser.add_argument_group("SLURM (write an array job instead of running)")
 g.add_argument("--slurm", metavar="PATH", default=None,
                help="write an sbatch script with one array task per missing cell")
@@ -346,21 +353,64 @@ def check_existing(args, cells: list[Cell]) -> list[Cell]:
 # ----------------------------------------------------------------------------- local pool
 
 class Pool:
-    """Runs cells as subprocesses, at most `workers` at once, each logging to
-    <results>/logs/<cell>.log.
+    """Runs cells, at most `workers` at once, each logging to <results>/logs/<cell>.log: in one
+    engine process per worker (analysis/engine.py: data, teachers and ce students shared between
+    the cells it runs) or, with --per-process, each cell as its own subprocess.
 
-    Each running cell holds an exclusive lock on logs/<cell>.lock (handed to the child process, so
-    it lasts as long as the child), so two runners on the same folder never run the same cell.
+    Each running cell holds an exclusive lock on logs/<cell>.lock (per process: handed to the
+    child, so it lasts as long as the child), so two runners on the same folder never run the
+    same cell.
     """
 
     def __init__(self, args):
         self.args = args
         self.logs = os.path.join(args.results, "logs")
-        self.procs: dict[Cell, subprocess.Popen] = {}
+        self.procs: dict = {}  # the running subprocesses: a cell's, or a worker thread's engine
+        self.engines = threading.local()
         self.guard = threading.Lock()
         self.stopping = threading.Event()
         self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                         MKL_NUM_THREADS=str(args.threads))
+
+    def _in_engine(self, cell: Cell, log_path: str) -> int:
+        """Run the cell in this worker thread's engine process (started on first use, and again
+        after one died); its exit code, or a negative signal number when the engine died."""
+        proc = getattr(self.engines, "proc", None)
+        with self.guard:
+            if self.stopping.is_set():
+                return -signal.SIGTERM
+            if proc is None or proc.poll() is not None:
+                with open(os.path.join(self.logs, "engine.log"), "a") as err:
+                    proc = subprocess.Popen(
+                        [self.args.python, ENGINE, self.args.script, "--threads",
+                         str(self.args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=err, env=self.env, text=True, start_new_session=True)
+                self.engines.proc = proc
+            self.procs[threading.get_ident()] = proc
+        try:
+            proc.stdin.write(json.dumps({"argv": cell_args(self.args, cell), "log": log_path})
+                             + "\n")
+            proc.stdin.flush()
+            reply = proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            reply = ""
+        if reply:
+            return json.loads(reply)["code"]
+        code = proc.wait()
+        self.engines.proc = None
+        return code if code else 1
+
+    def close(self) -> None:
+        """End the engine processes (they exit when their input closes)."""
+        with self.guard:
+            procs = list(self.procs.values())
+        for p in procs:
+            if p.stdin is not None:
+                with contextlib.suppress(OSError):
+                    p.stdin.close()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=30)
 
     def run(self, cell: Cell) -> tuple[str, float]:
         """('ok' | 'failed:<code>' | 'busy' | 'stopped', seconds)."""
@@ -376,19 +426,25 @@ class Pool:
             if is_done(out):  # finished by another runner meanwhile
                 return "ok", 0.0
             t0 = time.perf_counter()
-            with open(os.path.join(self.logs, f"{cell.name}.log"), "w") as log:
-                log.write("$ " + shlex.join(command(self.args, cell)) + "\n")
+            log_path = os.path.join(self.logs, f"{cell.name}.log")
+            with open(log_path, "w") as log:
+                log.write(("$ " if self.args.per_process else "$ (in an engine process) ")
+                          + shlex.join(command(self.args, cell)) + "\n")
                 log.flush()
-                with self.guard:
-                    if self.stopping.is_set():
-                        return "stopped", 0.0
-                    proc = subprocess.Popen(command(self.args, cell), stdout=log,
-                                            stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True, pass_fds=(lock.fileno(),))
-                    self.procs[cell] = proc
-                code = proc.wait()
-            with self.guard:
-                self.procs.pop(cell, None)
+                if not self.args.per_process:
+                    log.close()
+                    code = self._in_engine(cell, log_path)
+                else:
+                    with self.guard:
+                        if self.stopping.is_set():
+                            return "stopped", 0.0
+                        proc = subprocess.Popen(command(self.args, cell), stdout=log,
+                                                stderr=subprocess.STDOUT, env=self.env,
+                                                start_new_session=True, pass_fds=(lock.fileno(),))
+                        self.procs[cell] = proc
+                    code = proc.wait()
+                    with self.guard:
+                        self.procs.pop(cell, None)
             seconds = time.perf_counter() - t0
             if self.stopping.is_set() and code != 0:
                 return "stopped", seconds
@@ -429,8 +485,10 @@ def run_local(args, todo: list[Cell], total: int) -> int:
     os.makedirs(os.path.join(args.results, "logs"), exist_ok=True)
     pool = Pool(args)
     workers = min(args.workers, len(todo))
+    how = "processes, one per cell" if args.per_process else "engine processes"
     print(f"grid: {total} cells, {total - len(todo)} done already, running {len(todo)} with "
-          f"{workers} workers x {args.threads} thread(s); logs in {pool.logs}", flush=True)
+          f"{workers} workers x {args.threads} thread(s) ({how}); logs in {pool.logs}",
+          flush=True)
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), unit="cell", disable=None, dynamic_ncols=True)
@@ -486,6 +544,7 @@ def run_local(args, todo: list[Cell], total: int) -> int:
         for fut in futures:
             fut.cancel()
         executor.shutdown(wait=True)
+        pool.close()
         if bar is not None:
             bar.close()
         left = sum(not is_done(os.path.join(args.results, f"{c.name}.json")) for c in todo)
@@ -496,6 +555,7 @@ def run_local(args, todo: list[Cell], total: int) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     executor.shutdown(wait=True)
+    pool.close()
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
@@ -643,6 +703,7 @@ def main() -> int:
         raise UserError(f"experiment script {args.script} not found; "
                         "pass e.g. exp_colored_mnist.py")
     args.script = os.path.abspath(args.script)
+    args.per_process = args.per_process or not supports_engine(args.script)
     check_options(args)
     if args.mechanisms is None and (args.teachers is None or args.students is None):
         raise UserError("say which configurations to run: --mechanisms IA, "

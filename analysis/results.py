@@ -184,6 +184,11 @@ def excluded_note(excluded: list[Run], kept: bool = False,
     # 'kl 2', or 'jacobian alpha=0.9: 1' when the label has a space of its own
     shown = [f"{k}{': ' if ' ' in k else ' '}{v}" for k, v in counts.items()]
     detail = f" ({', '.join(shown)})" if shown else ""
+    # a student that follows its teacher cannot fit data on which the teacher is below the floor
+    follows = sum("its teacher's is" in e for r in excluded for e in r.exclusions)
+    if follows:
+        detail += (f"; in {follows} of them the teacher is below the floor on the student's "
+                   f"data too")
     if kept:
         return (f"kept: {n} run{'s' if n != 1 else ''} excluded by {rule}{detail}, "
                 "as --keep-excluded asks")

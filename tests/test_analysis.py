@@ -502,47 +502,53 @@ import argparse, json, os, signal, sys, time
 def on_sigterm(signum, frame):  # as common.run_cli does
     raise KeyboardInterrupt
 signal.signal(signal.SIGTERM, on_sigterm)
-p = argparse.ArgumentParser()
-for f in ("--teacher-config", "--student-config", "--loss", "--out", "--cache-dir"):
-    p.add_argument(f)
-p.add_argument("--seed", type=int)
-p.add_argument("--steps", type=int, default=1)
-a = p.parse_args()
-with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(os.path.basename(a.out) + "\n")
-if os.environ.get("FAKE_BAD_FLAGS"):
-    print("error: --steps must be at least 1", file=sys.stderr); sys.exit(2)
-if a.teacher_config == os.environ.get("FAKE_BLOCK_TEACHER"):
-    open(os.environ["FAKE_STARTED"], "a").close()
-    try:
-        time.sleep(60)
-    except KeyboardInterrupt:
-        print("interrupted: no result was written", file=sys.stderr); sys.exit(130)
-    sys.exit(1)
-if a.teacher_config == os.environ.get("FAKE_FAIL_TEACHER"):
-    print("boom", file=sys.stderr); sys.exit(1)
-m = {"I": {"acc": 0.5, "kl": 0.1, "agreement": 0.5}}
-cfg = {"teacher_config": a.teacher_config, "student_config": a.student_config, '''
+def main(argv=None, memo=None):  # the signature the grid engine runs in-process
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser()
+    for f in ("--teacher-config", "--student-config", "--loss", "--out", "--cache-dir"):
+        p.add_argument(f)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, default=1)
+    a = p.parse_args(argv)
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(os.path.basename(a.out) + "\n")
+    if os.environ.get("FAKE_BAD_FLAGS"):
+        print("error: --steps must be at least 1", file=sys.stderr); sys.exit(2)
+    if a.teacher_config == os.environ.get("FAKE_BLOCK_TEACHER"):
+        open(os.environ["FAKE_STARTED"], "a").close()
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            print("interrupted: no result was written", file=sys.stderr); sys.exit(130)
+        sys.exit(1)
+    if a.teacher_config == os.environ.get("FAKE_FAIL_TEACHER"):
+        print("boom", file=sys.stderr); sys.exit(1)
+    m = {"I": {"acc": 0.5, "kl": 0.1, "agreement": 0.5}}
+    cfg = {"teacher_config": a.teacher_config, "student_config": a.student_config, '''
         r'''"loss": a.loss, "seed": a.seed,
-       "steps": a.steps}
-with open(a.out, "w") as f:
-    json.dump({"experiment": "fake", "args": cfg, "teacher": {"eval": {"I": {"acc": 0.9}}},
-               "student": {"eval": m, "curves": []}, "exclusions": [], '''
-        r'''"provenance": {"argv": sys.argv[1:]}}, f)
+           "steps": a.steps}
+    with open(a.out, "w") as f:
+        json.dump({"experiment": "fake", "args": cfg, "teacher": {"eval": {"I": {"acc": 0.9}}},
+                   "student": {"eval": m, "curves": []}, "exclusions": [], '''
+        r'''"provenance": {"argv": argv}}, f)
+if __name__ == "__main__":
+    main()
 ''')
 
 
-@pytest.fixture
-def fake(tmp_path):
+@pytest.fixture(params=["engine", "per-process"])
+def fake(tmp_path, request):
+    """The grid over a fake script, run by engine processes or one process per cell."""
     script = tmp_path / "exp_fake.py"
     script.write_text(FAKE)
     env = dict(os.environ, FAKE_LOG=str(tmp_path / "calls.log"))
+    how = ["--per-process"] if request.param == "per-process" else []
 
     def run_grid(*extra, env_extra=None, **kw):
         cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(script),
                "--teachers", "I", "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0",
                "--results", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache"),
-               "--workers", "2", *extra]
+               "--workers", "2", *how, *extra]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                               env={**env, **(env_extra or {})}, **kw)
 
@@ -550,7 +556,7 @@ def fake(tmp_path):
         path = tmp_path / "calls.log"
         return sorted(path.read_text().split()) if path.exists() else []
 
-    return run_grid, calls, tmp_path, env
+    return run_grid, calls, tmp_path, dict(env, GRID_HOW=" ".join(how))
 
 
 def cell_argv(tmp_path, name, *extra, out=None, cache_dir=None):
@@ -610,7 +616,7 @@ def test_grid_interrupt_then_resume(fake, how):
     started = tmp_path / "started"
     cmd = [sys.executable, os.path.join(ROOT, "analysis", "grid.py"), str(tmp_path / "exp_fake.py"),
            "--teachers", "I", "A", "--students", "IA", "--losses", "kl", "ce", "--seeds", "0",
-           "--results", str(tmp_path / "res"), "--workers", "1"]
+           "--results", str(tmp_path / "res"), "--workers", "1", *env["GRID_HOW"].split()]
     # a runner started in the background by a shell script ignores SIGINT, and so do its cells; an
     # interactive one gets the default (set explicitly: pytest itself may run in the background,
     # with SIGINT ignored)

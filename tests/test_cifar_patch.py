@@ -245,6 +245,9 @@ def test_cifar10_end_to_end_on_tiny_files(tmp_path, monkeypatch, capsys):
     (["--student-config", "IAC"], "mechanism 'C'"),
     (["--spurious-frac", "1.5"], "--spurious-frac must be in [0, 1]"),
     (["--spurious-frac-b", "-0.1"], "--spurious-frac-b must be in [0, 1]"),
+    (["--clutter", "-1"], "--clutter must be at least 0"),
+    (["--clutter", "0", "--data", "cifar10", "--data-root", "EMPTY"], "--clutter changes"),
+    (["--warmup", "-5"], "--warmup must be at least 0"),
     (["--data", "cifar10"], "--data-root"),
     (["--data", "cifar10", "--data-root", "/nonexistent/cifar"], "does not exist"),
     (["--dominoes", "--domino-data", "fashionmnist", "--data-root", "EMPTY"], "FashionMNIST"),
@@ -295,3 +298,44 @@ def test_dominoes_smoke_run_is_deterministic_and_complete(tmp_path, monkeypatch,
     assert (a["student"]["eval"] == b["student"]["eval"]
             and a["teacher"]["eval"] == b["teacher"]["eval"])
     assert b["teacher"]["cached"] and not a["teacher"]["cached"]
+
+
+@pytest.mark.slow
+def test_engine_cells_write_the_numbers_of_their_command_lines(tmp_path):
+    """Cells run by the grid engine (one process, data, teachers and the ce student shared) write
+    the numbers of the same cells run as `python exp_cifar_patch.py ...`: teacher and student
+    evaluations, the fit and the curves. The ce student of the second teacher is the first one's,
+    evaluated against the second teacher."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    flags = ["--dominoes", "--smoke", "--steps", "6", "--eval-every", "3", "--channels-last",
+             "--cache-dir", str(tmp_path / "cache")]
+    cells = [(t, s, loss) for t in ("IB", "I") for s, loss in
+             (("IAB", "ce"), ("IAB", "kl"), ("I", "jacobian"), ("IAB", "contrastive"))]
+
+    def argv(cell, folder):
+        t, s, loss = cell
+        return ["--teacher-config", t, "--student-config", s, "--loss", loss, "--seed", "1",
+                "--out", str(tmp_path / folder / f"{t}_{s}_{loss}.json"), *flags]
+    jobs = "".join(json.dumps({"argv": argv(c, "engine"), "log": str(tmp_path / "engine.log")})
+                   + "\n" for c in cells)
+    engine = subprocess.run([sys.executable, os.path.join(root, "analysis", "engine.py"),
+                             os.path.join(root, "exp_cifar_patch.py")], input=jobs, text=True,
+                            capture_output=True, timeout=600, env=env)
+    assert engine.returncode == 0, engine.stderr
+    assert [json.loads(line)["code"] for line in engine.stdout.splitlines()] == [0] * len(cells)
+    log = (tmp_path / "engine.log").read_text()
+    assert log.count("the same student was trained for an earlier cell") == 1
+    for cell in cells:  # the teachers are cached by now: these runs load them
+        single = subprocess.run([sys.executable, os.path.join(root, "exp_cifar_patch.py"),
+                                 *argv(cell, "single")], capture_output=True, text=True,
+                                timeout=600, env=env)
+        assert single.returncode == 0, single.stderr
+        name = "_".join(cell) + ".json"
+        a = json.loads((tmp_path / "engine" / name).read_text())
+        b = json.loads((tmp_path / "single" / name).read_text())
+        assert a["teacher"]["eval"] == b["teacher"]["eval"], name
+        assert a["student"] == b["student"], name
+        assert a["provenance"]["argv"][:8] == b["provenance"]["argv"][:8]
+        assert len(a["student"]["curves"]) == 2

@@ -98,9 +98,9 @@ def test_a_teacher_that_fails_once_is_trained_again_from_a_new_start(tmp_path, m
     took."""
     train, seeds = common.train_teacher, []
 
-    def first_fails(model, data, cfg, device):
+    def first_fails(model, data, cfg, device, channels_last=False):
         seeds.append(cfg.seed)
-        trained = train(model, data, cfg, device)
+        trained = train(model, data, cfg, device, channels_last)
         return spoil(trained) if len(seeds) == 1 else trained
     monkeypatch.setattr(harness, "train_teacher", first_fails)
     out, cache = tmp_path / "r.json", tmp_path / "cache"
@@ -319,7 +319,8 @@ def test_cifar_batches_without_images_are_refused(tmp_path, monkeypatch, capsys)
 def tiny_run(tmp_path, **args):
     """A run of a tiny teacher (2 classes, 8x8 images), its build and its data."""
     values = {"cache_dir": str(tmp_path / "cache"), "retrain_teacher": False,
-              "teacher_min_acc": 0.0, "smoke": False, "teacher_config": "I", **args}
+              "teacher_min_acc": 0.0, "smoke": False, "teacher_config": "I",
+              "channels_last": False, **args}
     settings = harness.TeacherSettings(steps=2, batch_size=16, lr=0.01)
     run = harness.Run("tiny", 1, argparse.Namespace(**values), settings, harness.DistillSettings(),
                       torch.device("cpu"), str(tmp_path / "r.json"), 0.0)

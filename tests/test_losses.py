@@ -464,3 +464,42 @@ def test_shifted_moves_each_image_by_its_own_offset_within_the_bound(shift):
     assert torch.equal(common.shifted(x, 0, torch.Generator().manual_seed(0)), x)
     again = common.shifted(x, shift, torch.Generator().manual_seed(0))
     assert torch.equal(again, out)
+
+
+def test_warmup_ramps_the_learning_rate_then_follows_the_cosine():
+    settings = harness.DistillSettings(steps=100, lr=0.01, min_lr_frac=0.1)
+    plain = common._optimizer([nn.Parameter(torch.zeros(1))], settings, "adam")
+    warm = common._optimizer([nn.Parameter(torch.zeros(1))],
+                             harness.DistillSettings(steps=100, lr=0.01, min_lr_frac=0.1,
+                                                     warmup=10), "adam")
+    lrs = {"plain": [], "warm": []}
+    for _ in range(100):
+        for name, (opt, sched) in (("plain", plain), ("warm", warm)):
+            lrs[name].append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    # linear from lr / 11 up to the cosine over the first 10 steps, then exactly the cosine
+    assert lrs["warm"][0] == pytest.approx(0.01 / 11 * (0.1 + 0.9 * (1 + math.cos(0)) / 2))
+    assert all(a < b for a, b in zip(lrs["warm"][:10], lrs["warm"][1:11]))
+    assert lrs["warm"][10:] == pytest.approx(lrs["plain"][10:], rel=1e-6)
+    assert lrs["warm"][:10] < lrs["plain"][:10]
+
+
+def test_channels_last_changes_the_memory_layout_not_the_training():
+    """The same student trained with and without --channels-last ends at the same weights up to
+    float rounding: the layout is how convolutions run, not what they compute."""
+    torch.manual_seed(0)
+    teacher = common.freeze(common.SmallCNN(3, 10, 4))
+    train = common.TensorSet(torch.rand(32, 3, 16, 8), torch.randint(10, (32,)))
+    ends = []
+    for channels_last in (False, True):
+        torch.manual_seed(1)
+        student = common.SmallCNN(3, 10, 4)
+        settings = harness.DistillSettings(loss="jacobian", alpha=0.5, steps=5, batch_size=8,
+                                           lr=1e-3)
+        common.distill(student, teacher, train, settings, torch.device("cpu"),
+                       log=lambda m: None, channels_last=channels_last)
+        conv = student.body[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        ends.append({k: v.detach().contiguous() for k, v in student.state_dict().items()})
+    assert all(torch.allclose(ends[0][k], ends[1][k], atol=1e-5) for k in ends[0])
