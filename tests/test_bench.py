@@ -77,3 +77,18 @@ def test_check_teachers_reports_each_teacher_and_fails_below_the_bar(tmp_path):
         proc.stderr.strip() == ("error: 2 teacher(s) failed, needed a restart or stayed "
                                  "below the bar")
     assert len([f for f in os.listdir(tmp_path / "threads1") if f.endswith(".pt")]) == 2
+
+
+def test_grid_benchmark_smoke_times_both_paths(tmp_path):
+    out = tmp_path / "grid.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "analysis", "bench_grid.py"),
+                           "--smoke", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [p["path"] for p in result["paths"]] == ["per-process", "engine, channels-last"]
+    for p in result["paths"]:  # one teacher, one student, ce and kl: 2 cells of 20 steps
+        assert p["cells"] == 2 and p["steps"] == 40 and p["steps_per_s"] > 0
+        assert 0 < p["train_s"] < p["wall_s"] and p["other_s"] > 0
+    assert result["batched"]["students"] == 2 and result["batched"]["batched_ms"] > 0
+    assert "x first" in proc.stdout and "as one batched model" in proc.stdout
