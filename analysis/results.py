@@ -689,3 +689,51 @@ def category_summary(rows: list[dict], key: str = "category") -> list[dict]:
                             "cells_dropped": len(cells) - len(common), "seeds": len(seeds),
                             "n": by_seed.n})
     return out
+
+
+def detectable_difference(std: float, n: int, power: float = 0.8, level: float = 0.05) -> float:
+    """The smallest true mean difference a paired two-sided t-test over n seeds detects with
+    `power` at `level`, for a spread `std` of the per-seed differences: (t_{1-level/2} + t_power)
+    x std / sqrt(n), with n - 1 degrees of freedom (the usual approximation; NaN for n < 2)."""
+    if n < 2 or math.isnan(std):
+        return math.nan
+    t = scipy_stats.t.ppf(1 - level / 2, n - 1) + scipy_stats.t.ppf(power, n - 1)
+    return float(t * std / math.sqrt(n))
+
+
+def seeds_needed(std: float, effect: float, power: float = 0.8, level: float = 0.05,
+                 most: int = 1000) -> Optional[int]:
+    """The fewest seeds whose detectable difference (above) is at most `effect`, for a spread
+    `std` of the per-seed differences; None when the spread is unknown or more than `most`."""
+    if math.isnan(std) or effect <= 0:
+        return None
+    for n in range(2, most + 1):
+        if detectable_difference(std, n, power, level) <= effect:
+            return n
+    return None
+
+
+def category_difference(rows: list[dict], a: str, b: str, key: str = "category") -> list[dict]:
+    """Per experiment and category: method a minus method b, paired by seed. For each seed both
+    methods have in every cell of the category that both have, the mean over those cells of
+    a - b; then the mean, sample std and 95 % Student-t interval over seeds, the smallest
+    difference the design detects (80 % power, 5 % level) and the cells used."""
+    out = []
+    for exp in sorted({r["experiment"] for r in rows}):
+        by = {(r["method"], r["teacher"], r["student"], r["test_set"]): r
+              for r in rows if r["experiment"] == exp and r.get(key)}
+        cats = {k[1:]: r[key] for k, r in by.items()}
+        for cat in (CATEGORIES8 if key == "category8" else CATEGORIES):
+            cells = [c for c, v in cats.items() if v == cat and (a, *c) in by and (b, *c) in by]
+            if not cells:
+                continue
+            seeds = sorted(set.intersection(*(set(by[(m, *c)]["per_seed"]) for c in cells
+                                              for m in (a, b))))
+            diffs = summarize(float(np.mean([by[(a, *c)]["per_seed"][s]
+                                             - by[(b, *c)]["per_seed"][s] for c in cells]))
+                              for s in seeds)
+            out.append({"experiment": exp, "category": cat, "a": a, "b": b, "mean": diffs.mean,
+                        "std": diffs.std, "ci_lo": diffs.lo, "ci_hi": diffs.hi, "n": diffs.n,
+                        "cells": len(cells),
+                        "detectable": detectable_difference(diffs.std, diffs.n)})
+    return out

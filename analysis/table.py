@@ -5,6 +5,8 @@
     python analysis/table.py results/grid --metric acc --by category8  # the reference's 8-way split
     python analysis/table.py results/dominoes --metric acc --by category \\
         --reference  # beside the reference's numbers
+    python analysis/table.py results/dominoes --metric acc --by category --minus kl
+        # each loss minus kl per category, paired by seed, with the smallest detectable difference
 
 Per cell: mean ± std over seeds. Per category: the mean over the category's cells, ± the std over
 seeds of each seed's mean over those cells (the cells every seed has: `cells lacking a seed`
@@ -112,6 +114,13 @@ parser.add_argument("--by", choices=("cell", "category", "category8"), default="
 parser.add_argument("--reference", action="store_true",
                     help="with --metric acc --by category: add the reference implementation's own "
                          "numbers for the Dominoes exhaustive grid (random patch) beside ours")
+parser.add_argument("--minus", default=None, metavar="METHOD",
+                    help="with --by category or category8: each other method minus METHOD (e.g. "
+                         "kl), paired by seed, with its 95 %% interval, the smallest difference "
+                         "the seeds detect (80 %% power, 5 %% level) and the seeds --effect needs")
+parser.add_argument("--effect", type=float, default=0.01,
+                    help="with --minus: the difference to plan seeds for (default 0.01, one point "
+                         "of accuracy: the reference's jacobian - kl on teacher cells)")
 parser.add_argument("--format", choices=("md", "text", "csv"), default="md",
                     help="output format (default md)")
 parser.add_argument("--no-ci", action="store_true", help="leave the confidence intervals out")
@@ -126,11 +135,50 @@ parser.add_argument("--keep-excluded", action="store_true",
                          "instead of leaving them out")
 
 
+def difference_table(rows: list[dict], methods: list[str], minus: str, key: str, fmt: str,
+                     effect: float) -> str:
+    """One line per category, one column per method other than `minus`: the paired difference
+    with its interval, the smallest difference the design detects, and the seeds `effect` needs."""
+    others = [m for m in methods if m != minus]
+    diffs = {(d["category"], d["a"]): d for m in others
+             for d in R.category_difference(rows, m, minus, key)}
+    header = ["category", *[f"{m} − {minus}" for m in others], "cells", "seeds"]
+    lines = []
+    for cat in (R.CATEGORIES8 if key == "category8" else R.CATEGORIES):
+        cells = [diffs.get((cat, m)) for m in others]
+        if not any(cells):
+            continue
+        vals = []
+        for d in cells:
+            if d is None:
+                vals.append("-")
+            elif fmt == "csv":
+                vals.append(f"{d['mean']:.6g}")
+            else:
+                need = R.seeds_needed(d["std"], effect)
+                plan = (f"; {effect:g} needs {need} seeds" if need else
+                        f"; {effect:g} needs more than 1000 seeds" if d["n"] > 1 else "")
+                vals.append(f"{d['mean']:+.3f} [{d['ci_lo']:+.3f}, {d['ci_hi']:+.3f}] "
+                            f"(detects ≥ {d['detectable']:.3f}{plan})" if d["n"] > 1
+                            else f"{d['mean']:+.3f} (n={d['n']})")
+        lines.append([cat if fmt == "csv" else R.category_name(cat), *vals,
+                      "/".join(sorted({str(d["cells"]) for d in cells if d}, key=int)),
+                      "/".join(sorted({str(d["n"]) for d in cells if d}, key=int))])
+    return render(header, lines, fmt)
+
+
 def main() -> None:
     args = parser.parse_args()
     if args.reference and (args.metric != "acc" or args.by != "category"):
         raise UserError("--reference compares the student's accuracy per 5-way category: use it "
                         "with --metric acc --by category")
+    if args.minus is not None and args.by == "cell":
+        raise UserError("--minus compares methods per category: add --by category or category8")
+    if args.minus is not None and args.reference:
+        raise UserError("--minus and --reference make two different tables; run them one at a "
+                        "time")
+    if not 0 < args.effect < 1:
+        raise UserError(f"--effect must be between 0 and 1, got {args.effect}")
     runs, exps, excluded = R.load_for_cli(args.results, args.experiment,
                                           keep_excluded=args.keep_excluded)
     for exp in exps:
@@ -141,12 +189,18 @@ def main() -> None:
         rows = R.aggregate(exp_runs, args.metric)
         methods = R.methods(exp_runs)
         if args.format != "csv":
-            what = ("mean over cells, ± std over seeds" if args.by != "cell"
-                    else "mean over seeds, ± std")
+            what = (f"each method minus {args.minus}, mean over the category's cells paired "
+                    f"by seed" if args.minus else "mean over cells, ± std over seeds"
+                    if args.by != "cell" else "mean over seeds, ± std")
             print(f"{'### ' if args.format == 'md' else ''}{exp}: {args.metric} ({what}"
                   f"{'' if args.no_ci else ', [95% CI]'})\n")
+        if args.minus is not None and args.minus not in methods:
+            raise UserError(f"--minus {args.minus}: {exp} has no runs of it; it has "
+                            f"{', '.join(methods)}")
         if args.by == "cell":
             text = cell_table(rows, methods, args.format, not args.no_ci)
+        elif args.minus is not None:
+            text = difference_table(rows, methods, args.minus, args.by, args.format, args.effect)
         else:
             text = category_table(rows, methods, args.format, not args.no_ci, args.by,
                                   R.REFERENCE_DOMINOES_ACC if args.reference else None)

@@ -435,6 +435,42 @@ def test_tables_markdown_by_cell_and_category(tmp_path, cli):
     assert r.returncode == 2 and "--metric acc --by category" in r.stderr
 
 
+def test_category_difference_is_paired_by_seed_with_its_detectable_size():
+    from scipy import stats
+    rows = []
+    for method, cells in (("jacobian", ({0: 0.5, 1: 0.7, 2: 0.6}, {0: 0.3, 1: 0.3, 2: 0.3})),
+                          ("kl", ({0: 0.4, 1: 0.5, 2: 0.6}, {0: 0.3, 1: 0.1, 2: 0.2}))):
+        for k, per_seed in zip(("B", "A"), cells):
+            rows.append({"experiment": "toy", "method": method, "teacher": "IB",
+                         "student": "I", "test_set": k, "category": "teacher",
+                         "per_seed": per_seed})
+    [d] = R.category_difference(rows, "jacobian", "kl")
+    # per seed, the mean over the two cells: 0.05, 0.2, 0.05
+    std = math.sqrt((0.05 ** 2 + 0.1 ** 2 + 0.05 ** 2) / 2)
+    half = stats.t.ppf(0.975, 2) * std / math.sqrt(3)
+    assert (d["mean"], d["std"], d["n"], d["cells"]) == (pytest.approx(0.1), pytest.approx(std),
+                                                         3, 2)
+    assert (d["ci_lo"], d["ci_hi"]) == (pytest.approx(0.1 - half), pytest.approx(0.1 + half))
+    assert d["detectable"] == pytest.approx(
+        (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * std / math.sqrt(3))
+    n = R.seeds_needed(std, 0.01)
+    assert R.detectable_difference(std, n) <= 0.01 < R.detectable_difference(std, n - 1)
+    assert R.seeds_needed(float("nan"), 0.01) is None
+
+
+def test_table_minus_prints_each_loss_minus_kl_per_category(tmp_path, cli):
+    grid_results(tmp_path)  # jacobian is kl + 0.1 on I, + 0.05 on A (the teacher cell)
+    r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--minus", "kl")
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("| teacher |"))
+    assert "+0.050 [+0.050, +0.050] (detects ≥ 0.000; 0.01 needs 2 seeds)" in line
+    assert "jacobian − kl" in r.stdout
+    r = cli("table.py", tmp_path, "--minus", "contrastive", "--by", "category")
+    assert r.returncode == 2 and "has no runs of it" in r.stderr
+    r = cli("table.py", tmp_path, "--minus", "kl")
+    assert r.returncode == 2 and "--by category" in r.stderr
+
+
 def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
     # test sets I, A and I+rA; I+rA counts as I (its label-carrying mechanism)
     grid_results(tmp_path)
