@@ -72,6 +72,12 @@ def spurious_values(y: torch.Tensor, frac: float, num_values: int,
 
 # ----------------------------------------------------------------------------- models
 
+def _layout(weight: torch.Tensor) -> torch.memory_format:
+    """The memory layout of a convolution weight: channels-last (--channels-last) or the default."""
+    cl = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 class SequentialNet(nn.Module):
     """A `body` (nn.Sequential) of convolutions, ReLUs, max-pools, pooling, flattening and linear
     layers, then a linear `classifier`: no BatchNorm, so input Jacobians never mix samples.
@@ -106,7 +112,8 @@ class SequentialNet(nn.Module):
                 tape.append((layer, h.shape, idx))
             elif isinstance(layer, nn.Conv2d):  # stride 1, 'same' padding: its transpose is the
                 out = layer(h)  # convolution with the flipped, in/out-swapped kernel
-                tape.append((layer, h.shape, layer.weight.transpose(0, 1).flip(2, 3).contiguous()))
+                tape.append((layer, h.shape, layer.weight.transpose(0, 1).flip(2, 3).contiguous(
+                    memory_format=_layout(layer.weight))))
             else:
                 out = layer(h)
                 mask = (out > 0).to(out.dtype) if isinstance(layer, nn.ReLU) else None

@@ -503,3 +503,14 @@ def test_channels_last_changes_the_memory_layout_not_the_training():
         assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
         ends.append({k: v.detach().contiguous() for k, v in student.state_dict().items()})
     assert all(torch.allclose(ends[0][k], ends[1][k], atol=1e-5) for k in ends[0])
+
+
+def test_explicit_rows_of_a_channels_last_model_equal_autograd():
+    torch.manual_seed(0)
+    model = common.SmallCNN(3, 10, 4)
+    x = torch.rand(4, 3, 16, 8)
+    sel = common.class_selectors(10, 4, torch.device("cpu"))
+    _, expected = common.input_jacobian(model, x, sel, create_graph=False, method="loop")
+    common.in_format(model, True)
+    _, rows = common.input_jacobian(model, x, sel, create_graph=False, method="explicit")
+    assert torch.allclose(rows, expected, atol=1e-5)
