@@ -472,6 +472,78 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     return out
 
 
+@torch.no_grad()
+def features_of(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate features (`model.features`) in eval mode, in large batches without autograd."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model.features(x[i:i + batch_size].to(device)).flatten(1).cpu()
+                     for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def representation_metrics(student: nn.Module, teacher: nn.Module,
+                           test_sets: dict[str, TensorSet]) -> dict[str, dict]:
+    """Per test set, how alike teacher's and student's penultimate features are: linear CKA and
+    orthogonal Procrustes distance over the set's samples."""
+    out = {}
+    for name, s in test_sets.items():
+        fs, ft = features_of(student, s.x), features_of(teacher, s.x)
+        out[name] = {"cka": linear_cka(fs, ft), "procrustes": procrustes_distance(fs, ft)}
+    return out
+
+
+def class_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   batch_size: int = 256) -> torch.Tensor:
+    """Where a model looks: the input gradient of each sample's label logit, [N, C, H, W], in
+    eval mode (plain gradient saliency, the quantity Jacobian matching aligns)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device).requires_grad_(True)
+        with torch.enable_grad():
+            score = model(xb).gather(1, y[i:i + batch_size].to(device)[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, xb)
+        out.append(grad.cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def region_share(grad: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of the saliency's squared norm on the pixels of `region` ([H, W]
+    bool): 1 for a model that reads only those pixels, their share of the image for one that
+    looks everywhere alike."""
+    mass = grad.pow(2).sum(1)
+    return (mass * region).flatten(1).sum(1) / mass.flatten(1).sum(1).clamp_min(1e-30)
+
+
+def chroma_share(grad: torch.Tensor) -> torch.Tensor:
+    """Per sample, the share of the saliency's squared norm in colour: the part of each pixel's
+    gradient orthogonal to grey (equal change of all channels), which changes hue, not
+    brightness. 1 for a model that reads only colour, 0 for one that reads only brightness."""
+    chroma = grad - grad.mean(1, keepdim=True)
+    return chroma.pow(2).flatten(1).sum(1) / grad.pow(2).flatten(1).sum(1).clamp_min(1e-30)
+
+
+def saliency_metrics(student: nn.Module, teacher: nn.Module, test_sets: dict[str, TensorSet],
+                     cues: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> dict[str, dict]:
+    """Per test set, where teacher and student look: each cue's mean share of the saliency
+    (`cues`: name -> per-sample share of a gradient batch, e.g. region_share on the patch) for
+    both, and the mean cosine of their saliency maps (each pixel's gradient norm)."""
+    out = {}
+    for name, s in test_sets.items():
+        g_s, g_t = class_saliency(student, s.x, s.y), class_saliency(teacher, s.x, s.y)
+        maps = [g.pow(2).sum(1).sqrt().flatten(1) for g in (g_s, g_t)]
+        out[name] = {"student": {c: float(share(g_s).mean()) for c, share in cues.items()},
+                     "teacher": {c: float(share(g_t).mean()) for c, share in cues.items()},
+                     "cosine": float(F.cosine_similarity(*maps, dim=1).mean())}
+    return out
+
+
 def group_accuracy(pred: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> dict[str, float]:
     """Accuracy per group present, their unweighted mean and the worst group."""
     per_group = {int(g): (pred[group == g] == y[group == g]).float().mean().item()
@@ -481,14 +553,66 @@ def group_accuracy(pred: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> 
             "worst_group_acc": min(per_group.values())}
 
 
+def cohen_kappa(pred_a: torch.Tensor, pred_b: torch.Tensor, num_classes: int) -> float:
+    """Agreement of two models' predictions beyond what their class frequencies give by chance
+    (Cohen, 1960): (p_o - p_e) / (1 - p_e), p_e = sum_k P(a = k) P(b = k). 1: the same answers;
+    0: no more agreement than chance (also when both always answer one class, p_e = 1)."""
+    p_o = (pred_a == pred_b).double().mean()
+    freq = [torch.bincount(p, minlength=num_classes).double() / len(p) for p in (pred_a, pred_b)]
+    p_e = (freq[0] * freq[1]).sum()
+    return float((p_o - p_e) / (1 - p_e)) if p_e < 1 - 1e-12 else 0.0
+
+
+def error_consistency(correct_a: torch.Tensor, correct_b: torch.Tensor) -> float:
+    """Whether two models err on the same samples beyond what their accuracies give by chance
+    (Geirhos et al., 2020): kappa of the right/wrong patterns, (c_obs - c_exp) / (1 - c_exp) with
+    c_exp = p_a p_b + (1 - p_a)(1 - p_b). 0 when c_exp = 1 (one model always right or wrong)."""
+    p_a, p_b = correct_a.double().mean(), correct_b.double().mean()
+    c_obs = (correct_a == correct_b).double().mean()
+    c_exp = p_a * p_b + (1 - p_a) * (1 - p_b)
+    return float((c_obs - c_exp) / (1 - c_exp)) if c_exp < 1 - 1e-12 else 0.0
+
+
+def _centered(features: torch.Tensor) -> torch.Tensor:
+    f = features.double().flatten(1)
+    return f - f.mean(0, keepdim=True)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two models' features on the same n samples ([n, d1], [n, d2]): the biased
+    HSIC estimator of Kornblith et al. (2019) on all n samples at once, on centred features,
+    ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F). 1 for features equal up to rotation and scale; 0 when
+    either is constant."""
+    x, y = _centered(x), _centered(y)
+    denom = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(torch.linalg.matrix_norm(y.T @ x) ** 2 / denom) if denom > 0 else 0.0
+
+
+def procrustes_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Orthogonal Procrustes distance of two models' features on the same samples (Ding et al.,
+    2021): both centred and scaled to unit Frobenius norm, the distance left after the best
+    rotation of one onto the other, sqrt(2 - 2 ||X'Y||_*) (nuclear norm); 0 for features equal
+    up to rotation and scale, at most sqrt(2). Unlike CKA it weighs every direction of the
+    features by its size, so it sees a difference in a small direction that CKA misses."""
+    x, y = _centered(x), _centered(y)
+    nx, ny = torch.linalg.matrix_norm(x), torch.linalg.matrix_norm(y)
+    if nx == 0 or ny == 0:
+        return math.sqrt(2)
+    nuclear = torch.linalg.matrix_norm((x / nx).T @ (y / ny), ord="nuc")
+    return math.sqrt(max(0.0, 2 - 2 * float(nuclear)))
+
+
 def pair_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
                  group: Optional[torch.Tensor] = None) -> dict:
-    """Student accuracy, KL(teacher || student) at T = 1 (mean over samples), top-1 agreement."""
+    """Student accuracy, KL(teacher || student) at T = 1 (mean over samples), top-1 agreement,
+    and agreement corrected for chance: Cohen's kappa of the predictions, error consistency."""
     s_pred, t_pred = student_logits.argmax(1), teacher_logits.argmax(1)
     kl = F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
                   log_target=True, reduction="batchmean")
     out = {"acc": (s_pred == y).float().mean().item(), "kl": kl.item(),
-           "agreement": (s_pred == t_pred).float().mean().item()}
+           "agreement": (s_pred == t_pred).float().mean().item(),
+           "kappa": cohen_kappa(s_pred, t_pred, student_logits.shape[1]),
+           "error_consistency": error_consistency(s_pred == y, t_pred == y)}
     if group is not None:
         out.update(group_accuracy(s_pred, y, group))
         out["group_agreement"] = {str(int(g)): (s_pred[group == g] == t_pred[group == g])

@@ -48,6 +48,7 @@ a small CNN learns it well but not perfectly (the default teacher reaches about 
     python exp_cifar_patch.py --dominoes --teacher-config IB --student-config IAB --loss kl
 """
 import argparse
+import functools
 import math
 import os
 import pickle
@@ -371,6 +372,21 @@ def sample_items(items: torch.Tensor, labels: torch.Tensor, cls: torch.Tensor,
     return items[order[pick]]
 
 
+def cue_regions(height: int, width: int) -> dict[str, torch.Tensor]:
+    """Where each cue lies, as [H, W] masks for common.region_share: A, the ten patch cells (the
+    pixels a patch of any class can cover) of the object's half; B (Dominoes, height 2 x width),
+    the top half."""
+    regions = {"A": torch.zeros(height, width, dtype=torch.bool)}
+    top = height - width  # 0, or the top half's height
+    side = width // 4
+    for r, c in patch_cells(width):
+        regions["A"][top + r:top + r + side, c:c + side] = True
+    if top:
+        regions["B"] = torch.zeros(height, width, dtype=torch.bool)
+        regions["B"][:top] = True
+    return regions
+
+
 # ----------------------------------------------------------------------------- data: configurations
 
 def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: float, frac_b: float,
@@ -473,7 +489,9 @@ def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    return harness.finish(run, teacher, student, distilled, data, notes=notes)
+    cues = {name: functools.partial(common.region_share, region=region)
+            for name, region in cue_regions(*image_size).items()}
+    return harness.finish(run, teacher, student, distilled, data, cues=cues, notes=notes)
 
 
 if __name__ == "__main__":

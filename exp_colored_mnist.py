@@ -189,7 +189,7 @@ def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    return harness.finish(run, teacher, student, distilled, data)
+    return harness.finish(run, teacher, student, distilled, data, cues={"A": common.chroma_share})
 
 
 if __name__ == "__main__":

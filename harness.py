@@ -772,11 +772,13 @@ def weigh_groups(metrics: dict, shares: dict[str, float]) -> dict:
 
 
 def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data: Data,
-           **extra) -> dict:
+           cues: Optional[dict] = None, **extra) -> dict:
     """Check the student, evaluate teacher and student on every test set, then print and write the
     result JSON: the flags as parsed (`args`), the settings they made (the teacher's and the
     student's dataclass), provenance, metrics, curves, timing and the script's `extra` entries
-    (e.g. notes). The teacher's logits on the sets come from `distilled` (common.distill)."""
+    (e.g. notes). The teacher's logits on the sets come from `distilled` (common.distill).
+    `cues` (name -> per-sample share of a saliency batch, common.region_share or chroma_share):
+    where teacher and student look on every test set."""
     test_sets = data.test_sets
     student_logits = predict(student, data.student_validation.x)
     bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
@@ -802,8 +804,14 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data
                                                        None if s.group is None else s.group.cpu()),
                                        shares)
                     for name, s in test_sets.items()}
-    student_eval = {name: weigh_groups(m, shares) for name, m in
+    representation = common.representation_metrics(student, teacher.model, test_sets)
+    student_eval = {name: {**weigh_groups(m, shares), **representation[name]} for name, m in
                     evaluate_student(student, test_sets, teacher_logits).items()}
+    if cues:
+        for name, look in common.saliency_metrics(student, teacher.model, test_sets,
+                                                  cues).items():
+            student_eval[name].update(cue_share=look["student"], saliency_cosine=look["cosine"])
+            teacher_eval[name]["cue_share"] = look["teacher"]
     result = {
         "experiment": run.experiment,
         "args": vars(run.args),
@@ -890,10 +898,19 @@ def print_table(result: dict, log: Callable[[str], None] = print) -> None:
     weighted average and worst-group accuracies and the student's accuracy per group; then the
     result's notes and exclusions."""
     teacher_eval, student_eval = result["teacher"]["eval"], result["student"]["eval"]
-    log(f"{'test set':<12}{'teacher acc':>12}{'student acc':>12}{'KL(T||S)':>10}{'agreement':>11}")
+    log(f"{'test set':<12}{'teacher acc':>12}{'student acc':>12}{'KL(T||S)':>10}{'agreement':>11}"
+        f"{'kappa':>7}{'CKA':>7}")
     for name, m in student_eval.items():
         log(f"{name:<12}{teacher_eval[name]['acc']:>12.3f}{m['acc']:>12.3f}{m['kl']:>10.3f}"
-            f"{m['agreement']:>11.3f}")
+            f"{m['agreement']:>11.3f}{m['kappa']:>7.3f}{m['cka']:>7.3f}")
+    cues = list(next(iter(student_eval.values())).get("cue_share", {}))
+    if cues:  # where they look: each cue's share of the saliency, teacher / student
+        log(f"\n{'test set':<12}" + "".join(f"{'cue ' + c + ' T / S':>16}" for c in cues)
+            + f"{'saliency cosine':>17}")
+        for name, m in student_eval.items():
+            log(f"{name:<12}" + "".join(
+                f"{teacher_eval[name]['cue_share'][c]:>9.3f} / {m['cue_share'][c]:.3f}"
+                for c in cues) + f"{m['saliency_cosine']:>17.3f}")
     grouped = {name: m for name, m in student_eval.items() if "groups" in m}
     if grouped:  # avg: weighted by the student's training set's group shares
         group_names, nan = result.get("groups", {}), float("nan")

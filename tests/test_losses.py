@@ -514,3 +514,84 @@ def test_explicit_rows_of_a_channels_last_model_equal_autograd():
     common.in_format(model, True)
     _, rows = common.input_jacobian(model, x, sel, create_graph=False, method="explicit")
     assert torch.allclose(rows, expected, atol=1e-5)
+
+
+def test_kappa_and_error_consistency_correct_agreement_for_chance():
+    a = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    assert common.cohen_kappa(a, a, 3) == pytest.approx(1.0)
+    b = torch.tensor([0, 1, 1, 1, 2, 0, 0, 2])
+    # p_o = 5/8; P(a) = (3, 3, 2)/8, P(b) = (3, 3, 2)/8 -> p_e = 22/64
+    assert common.cohen_kappa(a, b, 3) == pytest.approx((5 / 8 - 22 / 64) / (1 - 22 / 64))
+    assert common.cohen_kappa(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long),
+                              3) == 0.0
+    right_a = torch.tensor([1, 1, 1, 0, 0, 1, 1, 0], dtype=torch.bool)
+    right_b = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    # p_a = 5/8, p_b = 4/8, c_obs = 5/8, c_exp = 20/64 + 12/64
+    assert common.error_consistency(right_a, right_b) == pytest.approx(
+        (5 / 8 - 32 / 64) / (1 - 32 / 64))
+    assert common.error_consistency(right_a, right_a) == pytest.approx(1.0)
+
+
+def test_cka_and_procrustes_know_features_equal_up_to_rotation():
+    torch.manual_seed(0)
+    x = torch.randn(200, 16)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16))
+    assert common.linear_cka(x, x) == pytest.approx(1.0)
+    assert common.linear_cka(x, 3 * x @ rotation + 1) == pytest.approx(1.0)
+    assert common.procrustes_distance(x, 3 * x @ rotation + 1) == pytest.approx(0.0, abs=1e-6)
+    # features of another width that hold the same information: x rotated, then zero-padded
+    padded = torch.cat([x @ rotation, torch.zeros(200, 8)], 1)
+    assert common.linear_cka(x, padded) == pytest.approx(1.0)
+    unrelated = torch.randn(200, 16)
+    assert common.linear_cka(x, unrelated) < 0.2
+    assert common.procrustes_distance(x, unrelated) > 1.0
+    # one direction of x lost: CKA barely moves when it is a small one, Procrustes does
+    scale = torch.ones(16)
+    scale[0] = 0.3
+    lost = (x * scale).clone()
+    lost[:, 0] = 0
+    assert common.linear_cka(x * scale, lost) > 0.99
+    assert common.procrustes_distance(x * scale, lost) > 0.05
+
+
+class ReadsOnly(nn.Module):
+    """A model that reads one part of its input: logits = W . part(x), a known answer for
+    saliency."""
+
+    def __init__(self, part, size):
+        super().__init__()
+        self.part = part
+        self.weight = nn.Parameter(torch.randn(size, 10))
+
+    def forward(self, x):
+        return self.part(x).flatten(1) @ self.weight
+
+
+def test_a_model_that_reads_only_the_patch_puts_all_its_saliency_there():
+    import exp_cifar_patch
+    regions = exp_cifar_patch.cue_regions(64, 32)
+    assert regions["B"][:32].all() and not regions["B"][32:].any()
+    assert regions["A"][:32].sum() == 0 and regions["A"].sum() == 10 * 8 * 8
+    torch.manual_seed(0)
+    x, y = torch.rand(20, 3, 64, 32), torch.randint(10, (20,))
+    patch = ReadsOnly(lambda x: x * regions["A"], 3 * 64 * 32)
+    top = ReadsOnly(lambda x: x * regions["B"], 3 * 64 * 32)
+    cues = {k: lambda g, m=m: common.region_share(g, m) for k, m in regions.items()}
+    look = common.saliency_metrics(patch, top, {"IAB": common.TensorSet(x, y)}, cues)["IAB"]
+    assert look["student"]["A"] == pytest.approx(1.0) and look["student"]["B"] == 0
+    assert look["teacher"]["B"] == pytest.approx(1.0) and look["teacher"]["A"] == 0
+    assert look["cosine"] == pytest.approx(0.0, abs=1e-6)  # they look at disjoint pixels
+    everywhere = ReadsOnly(lambda x: x, 3 * 64 * 32)
+    share = common.region_share(common.class_saliency(everywhere, x, y), regions["B"])
+    assert 0.3 < float(share.mean()) < 0.7  # about the top half's share of the pixels
+
+
+def test_colour_share_separates_colour_from_brightness():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 6, 6), torch.randint(10, (8,))
+    colour = ReadsOnly(lambda x: x - x.mean(1, keepdim=True), 3 * 36)
+    grey = ReadsOnly(lambda x: x.mean(1, keepdim=True), 36)
+    assert common.chroma_share(common.class_saliency(colour, x, y)) == pytest.approx(
+        torch.ones(8))
+    assert common.chroma_share(common.class_saliency(grey, x, y)) == pytest.approx(
+        torch.zeros(8), abs=1e-6)
