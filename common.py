@@ -191,7 +191,8 @@ class TorchvisionNet(nn.Module):
                             f"folder), or drop --pretrained")
         if in_channels != 3:
             body.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.feature_dim, body.fc, self.body = body.fc.in_features, nn.Identity(), body
+        self.arch, self.feature_dim, body.fc, self.body = (arch, body.fc.in_features,
+                                                          nn.Identity(), body)
         self.classifier = nn.Linear(self.feature_dim, num_classes)
         mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if pretrained else (0.0, 1.0)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))

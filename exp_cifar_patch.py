@@ -387,6 +387,12 @@ def cue_regions(height: int, width: int) -> dict[str, torch.Tensor]:
     return regions
 
 
+def cues(data: harness.Data) -> dict:
+    """Where the models look (harness.finish): each cue's share of the saliency, on its region."""
+    return {name: functools.partial(common.region_share, region=region)
+            for name, region in cue_regions(*data.student_train.x.shape[2:]).items()}
+
+
 # ----------------------------------------------------------------------------- data: configurations
 
 def render(images: torch.Tensor, labels: torch.Tensor, config: str, frac_a: float, frac_b: float,
@@ -489,9 +495,7 @@ def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    cues = {name: functools.partial(common.region_share, region=region)
-            for name, region in cue_regions(*image_size).items()}
-    return harness.finish(run, teacher, student, distilled, data, cues=cues, notes=notes)
+    return harness.finish(run, teacher, student, distilled, data, cues=cues(data), notes=notes)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,12 @@ def make_data(args: argparse.Namespace, test_configs: tuple[str, ...] = TEST_CON
 
 # ----------------------------------------------------------------------------- main
 
+def cues(data: harness.Data) -> dict:
+    """Where the models look (harness.finish): the colour cue's share of the saliency, the part of
+    each pixel's gradient that changes hue rather than brightness."""
+    return {"A": common.chroma_share}
+
+
 def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     """One run. `memo`: what a grid engine keeps between the runs of one process (data, teachers,
     their test-set logits, students no teacher changes); None for a single run."""
@@ -189,7 +195,7 @@ def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    return harness.finish(run, teacher, student, distilled, data, cues={"A": common.chroma_share})
+    return harness.finish(run, teacher, student, distilled, data, cues=cues(data))
 
 
 if __name__ == "__main__":

@@ -363,7 +363,8 @@ def bookkeeping_args() -> set[str]:
     """The arguments that say where or how a run was executed, not what was trained: runs that
     differ only in these (and the seed) are repeats of the same cell."""
     run = {"seed", "out", "cache_dir", "retrain_teacher", "device", "smoke", "download",
-           "data_root", "teacher_config", "student_config", "loss", "channels_last"}
+           "data_root", "teacher_config", "student_config", "loss", "channels_last",
+           "save_weights"}
     return run | {f.dest for cls in (TeacherSettings, DistillSettings)
                   for f in settings_flags(cls) if f.field.metadata["bookkeeping"]}
 
@@ -429,6 +430,14 @@ def add_settings_flags(parser: argparse.ArgumentParser, teacher: TeacherSettings
                    help="where trained teachers are kept (default cache/teachers)")
     g.add_argument("--retrain-teacher", action="store_true",
                    help="ignore and overwrite the cached teacher")
+    g.add_argument("--teacher-checkpoint", default=None, metavar="PATH",
+                   help="use this teacher instead of training one: a state dict of the teacher's "
+                        "architecture (--arch, --teacher-width), as torch.save(model.state_dict(), "
+                        "PATH) writes it or a result's .teacher.pt; checked on validation data "
+                        "like a trained teacher")
+    g.add_argument("--save-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="save teacher's and student's weights beside the result, their sha256 in "
+                        "it (default; --no-save-weights for large grids of large models)")
     g.add_argument("--smoke", action="store_true",
                    help="a tiny run in seconds, for CI and for checking the setup")
 
@@ -648,6 +657,8 @@ def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
     args = run.args
     torch.manual_seed(run.teacher.seed)
     model = build()
+    if args.teacher_checkpoint:
+        return checkpoint_teacher(run, model, validation, log, memo)
     key = {"experiment": run.experiment, "data_version": run.data_version,
            "settings": dataclasses.asdict(run.teacher), "device": run.device.type,
            "data": digest_of(memo, *train), "init": digest(*model.state_dict().values()),
@@ -698,6 +709,75 @@ def get_teacher(run: Run, build: Callable[[], nn.Module], train: TensorSet,
     return Teacher(teacher, {"cache_key": name, "cached": not attempts,
                              "validation_acc": check["acc"], "floor": floor, "attempts": attempts,
                              "train_s": time.perf_counter() - started if attempts else 0.0})
+
+
+def load_checkpoint(path: str, model: nn.Module) -> nn.Module:
+    """`model` with the state dict saved at `path`; a UserError naming the first problem (no such
+    file, not a state dict, other layers or shapes, another number of classes)."""
+    fix = ("save the teacher with torch.save(model.state_dict(), PATH) from a model built as "
+           "this experiment builds it (--arch, --teacher-width)")
+    if not os.path.isfile(path):
+        raise UserError(f"--teacher-checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled objects
+        raise UserError(f"--teacher-checkpoint {path} cannot be read as a state dict "
+                        f"({type(e).__name__}); {fix}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UserError(f"--teacher-checkpoint {path} holds a {type(state).__name__}, not a state "
+                        f"dict of tensors; {fix}")
+    expected = model.state_dict()
+    out_features = model.classifier.out_features
+    got = state.get("classifier.weight")
+    if got is not None and got.ndim == 2 and got.shape[0] != out_features:
+        raise UserError(f"--teacher-checkpoint {path} has {got.shape[0]} classes; this "
+                        f"experiment has {out_features}")
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what = (f"lacks {', '.join(missing[:3])}" if missing
+                else f"has layers the teacher lacks ({', '.join(extra[:3])})")
+        raise UserError(f"--teacher-checkpoint {path} does not fit the teacher "
+                        f"({type(model).__name__}): it {what}; {fix}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise UserError(f"--teacher-checkpoint {path}: {k} has shape "
+                            f"{tuple(state[k].shape)}, the teacher's has {tuple(v.shape)}; {fix}")
+    model.load_state_dict(state)
+    return model
+
+
+def checkpoint_teacher(run: Run, model: nn.Module, validation: TensorSet,
+                       log: Callable[[str], None], memo: Optional[dict] = None) -> Teacher:
+    """The teacher of --teacher-checkpoint, checked on validation data like a trained one (its
+    floor applies); its record names the file and its sha256. It is not cached."""
+    args = run.args
+    path = os.path.abspath(args.teacher_checkpoint)
+    sha = file_sha256(path) if os.path.isfile(path) else ""
+    floor = floor_of(args.teacher_min_acc, args.smoke, model.classifier.out_features)
+    kept = None if memo is None else memo.get(("checkpoint", sha, floor))
+    if kept is None:
+        teacher = freeze(in_format(load_checkpoint(path, model).to(run.device),
+                                   args.channels_last))
+        log(f"teacher: loaded from --teacher-checkpoint {path}")
+        check = teacher_check(teacher, validation, floor, args.teacher_config, log)
+        if check["non_finite"] or not check["ok"]:
+            problem = (f"non-finite values in {', '.join(check['non_finite'][:3])}"
+                       if check["non_finite"] else
+                       f"accuracy {check['acc']:.3f} on validation {args.teacher_config} data, "
+                       f"below the floor {floor:.3f} (chance {check['chance']:.3f})")
+            raise UserError(f"the teacher of --teacher-checkpoint {path} has {problem}; "
+                            f"distilling it would mean nothing and nothing was written "
+                            f"(--teacher-min-acc sets the floor)")
+        if memo is not None:
+            memo[("checkpoint", sha, floor)] = (teacher, check)
+    else:
+        teacher, check = kept
+    return Teacher(teacher, {"cache_key": f"checkpoint-{sha[:16]}", "cached": False,
+                             "checkpoint": path, "checkpoint_sha256": sha,
+                             "validation_acc": check["acc"], "floor": floor, "attempts": 0,
+                             "train_s": 0.0})
 
 
 # ----------------------------------------------------------------------------- the student
@@ -771,6 +851,82 @@ def weigh_groups(metrics: dict, shares: dict[str, float]) -> dict:
     return metrics
 
 
+def evaluate(teacher: nn.Module, student: nn.Module, test_sets: dict[str, TensorSet],
+             teacher_logits: dict[str, torch.Tensor], shares: dict[str, float],
+             cues: Optional[dict] = None) -> tuple[dict, dict]:
+    """Every metric of teacher and student on every test set: (teacher's, student's). What a
+    result's `eval` holds; analysis/recompute.py recomputes it from saved weights."""
+    teacher_eval = {name: weigh_groups(teacher_metrics(teacher_logits[name], s.y.cpu(),
+                                                       None if s.group is None else s.group.cpu()),
+                                       shares)
+                    for name, s in test_sets.items()}
+    representation = common.representation_metrics(student, teacher, test_sets)
+    student_eval = {name: {**weigh_groups(m, shares), **representation[name]} for name, m in
+                    evaluate_student(student, test_sets, teacher_logits).items()}
+    if cues:
+        for name, look in common.saliency_metrics(student, teacher, test_sets, cues).items():
+            student_eval[name].update(cue_share=look["student"], saliency_cosine=look["cosine"])
+            teacher_eval[name]["cue_share"] = look["teacher"]
+    return teacher_eval, student_eval
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(out: str, teacher: nn.Module, student: nn.Module, data: Data) -> dict:
+    """Teacher's and student's state dicts beside the result (<result>.teacher.pt and
+    <result>.student.pt, written atomically before the result), and what rebuilds each model:
+    architecture, width, input and class count, the file (relative to the result) and its
+    sha256, which analysis/recompute.py checks before it loads the file."""
+    stem = out[:-5] if out.endswith(".json") else out
+    shape = tuple(data.student_train.x.shape[1:])
+    record = {}
+    for role, model in (("teacher", teacher), ("student", student)):
+        path = f"{stem}.{role}.pt"
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        _atomic_save(lambda f: torch.save(state, f), path)
+        record[role] = {"file": os.path.basename(path), "sha256": file_sha256(path),
+                        "arch": _arch_of(model), "width": _width_of(model),
+                        "in_channels": shape[0], "input_size": list(shape[1:]),
+                        "num_classes": model.classifier.out_features}
+    return record
+
+
+def _arch_of(model: nn.Module) -> str:
+    if isinstance(model, common.TorchvisionNet):
+        return model.arch
+    return {common.SmallCNN: "cnn", common.LeNet: "lenet"}[type(model)]
+
+
+def _width_of(model: nn.Module) -> int:
+    """The `width` that build_model gives this model: its first convolution's channels."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return first.out_channels
+
+
+def load_weights(result_path: str, role: str, record: dict) -> nn.Module:
+    """The teacher or student saved beside a result, rebuilt and loaded, in eval mode; a
+    UserError when its file is missing or its sha256 is not the one the result recorded."""
+    path = os.path.join(os.path.dirname(os.path.abspath(result_path)), record["file"])
+    if not os.path.exists(path):
+        raise UserError(f"the {role}'s weights {path} are missing; run the result's command again "
+                        f"(the result was written with --save-weights)")
+    found = file_sha256(path)
+    if found != record["sha256"]:
+        raise UserError(f"{path} has sha256 {found[:12]}..., the result recorded "
+                        f"{record['sha256'][:12]}...; it is not the file this result was made "
+                        f"with, so nothing was recomputed")
+    model = common.build_model(record["arch"], record["in_channels"], record["num_classes"],
+                               record["width"], tuple(record["input_size"]))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return freeze(model)
+
+
 def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data: Data,
            cues: Optional[dict] = None, **extra) -> dict:
     """Check the student, evaluate teacher and student on every test set, then print and write the
@@ -800,18 +956,10 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data
         str(g): (groups == g).float().mean().item() for g in torch.unique(groups).tolist()}
     record = dict(teacher.record)
     train_s = record.pop("train_s")
-    teacher_eval = {name: weigh_groups(teacher_metrics(teacher_logits[name], s.y.cpu(),
-                                                       None if s.group is None else s.group.cpu()),
-                                       shares)
-                    for name, s in test_sets.items()}
-    representation = common.representation_metrics(student, teacher.model, test_sets)
-    student_eval = {name: {**weigh_groups(m, shares), **representation[name]} for name, m in
-                    evaluate_student(student, test_sets, teacher_logits).items()}
-    if cues:
-        for name, look in common.saliency_metrics(student, teacher.model, test_sets,
-                                                  cues).items():
-            student_eval[name].update(cue_share=look["student"], saliency_cosine=look["cosine"])
-            teacher_eval[name]["cue_share"] = look["teacher"]
+    teacher_eval, student_eval = evaluate(teacher.model, student, test_sets, teacher_logits,
+                                          shares, cues)
+    weights = save_weights(run.out, teacher.model, student, data) if run.args.save_weights \
+        else None
     result = {
         "experiment": run.experiment,
         "args": vars(run.args),
@@ -827,6 +975,7 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data
         "validation_sizes": {"teacher": len(data.teacher_validation.y),
                              "student": len(data.student_validation.y)},
         **({"group_shares": shares} if shares else {}),
+        **({"weights": weights} if weights else {}),
         "timing": {"teacher_train_s": train_s,
                    **{f"student_{k}": v for k, v in distilled["timing"].items()},
                    "total_s": time.perf_counter() - run.started},

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import math
 import os
 import sys
 
@@ -320,7 +321,7 @@ def tiny_run(tmp_path, **args):
     """A run of a tiny teacher (2 classes, 8x8 images), its build and its data."""
     values = {"cache_dir": str(tmp_path / "cache"), "retrain_teacher": False,
               "teacher_min_acc": 0.0, "smoke": False, "teacher_config": "I",
-              "channels_last": False, **args}
+              "channels_last": False, "teacher_checkpoint": None, **args}
     settings = harness.TeacherSettings(steps=2, batch_size=16, lr=0.01)
     run = harness.Run("tiny", 1, argparse.Namespace(**values), settings, harness.DistillSettings(),
                       torch.device("cpu"), str(tmp_path / "r.json"), 0.0)
@@ -387,3 +388,90 @@ def test_the_cache_key_follows_the_training_data_and_the_settings(tmp_path):
     longer = run._replace(teacher=dataclasses.replace(run.teacher, steps=3))
     assert harness.get_teacher(longer, build, data, data,
                                log=lambda m: None).record["cache_key"] != key
+
+
+# ----------------------------------------------------------------------------- saved weights
+
+@pytest.mark.slow
+def test_saved_weights_recompute_the_result_and_a_teacher_checkpoint_round_trips(
+        tmp_path, monkeypatch, capsys):
+    from analysis import recompute
+    argv = ["--smoke", "--dominoes", "--teacher-config", "IB", "--student-config", "IAB",
+            "--loss", "jacobian", "--cache-dir", tmp_path / "c"]
+    out = tmp_path / "r.json"
+    code, _, err = run_main(exp_cifar_patch, argv + ["--out", out], monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    for name, m in result["student"]["eval"].items():  # where they look, per cue and test set
+        assert set(m["cue_share"]) == {"A", "B"} and -1 <= m["saliency_cosine"] <= 1
+        assert set(result["teacher"]["eval"][name]["cue_share"]) == {"A", "B"}
+        assert 0 <= m["cka"] <= 1 + 1e-9 and 0 <= m["procrustes"] <= math.sqrt(2) + 1e-9
+    weights = result["weights"]
+    assert (tmp_path / weights["student"]["file"]).exists()
+
+    def run_recompute(*args):
+        monkeypatch.setattr(sys, "argv", ["recompute.py", *map(str, args)])
+        with pytest.raises(SystemExit) as info:
+            harness.run_cli(lambda: sys.exit(recompute.main()))
+        cap = capsys.readouterr()
+        return info.value.code, cap.out, cap.err
+    code, stdout, err = run_recompute(out)
+    assert code == 0 and "largest difference 0" in stdout, stdout + err
+    # a teacher from a file: the saved one gives the same teacher numbers
+    out2 = tmp_path / "r2.json"
+    code, stdout, err = run_main(exp_cifar_patch, argv + [
+        "--out", out2, "--teacher-checkpoint", tmp_path / weights["teacher"]["file"]],
+        monkeypatch, capsys)
+    assert code == 0, err
+    again = json.loads(out2.read_text())
+    assert again["teacher"]["eval"] == result["teacher"]["eval"]
+    assert again["teacher"]["checkpoint_sha256"] == weights["teacher"]["sha256"]
+    assert "teacher: loaded from --teacher-checkpoint" in stdout
+    # the saliency figure of these results
+    from analysis import saliency
+    monkeypatch.setattr(sys, "argv", ["saliency.py", str(tmp_path), "--set", "IAB", "--images",
+                                      "2", "--out", str(tmp_path / "s.png")])
+    with pytest.raises(SystemExit) as info:
+        harness.run_cli(lambda: sys.exit(saliency.main()))
+    assert info.value.code in (0, None), capsys.readouterr().err
+    assert (tmp_path / "s.png").stat().st_size > 10000
+    assert "2 images of IAB, teacher and 1 students (jacobian)" in capsys.readouterr().out
+    # a file that is not the one the result recorded is refused
+    with open(tmp_path / weights["student"]["file"], "ab") as f:
+        f.write(b"x")
+    code, stdout, err = run_recompute(out)
+    assert_one_error(code, err, "sha256", "nothing was recomputed")
+
+
+def write_checkpoint(path, kind):
+    if kind == "corrupt":
+        path.write_bytes(b"not a torch file")
+    elif kind == "list":
+        torch.save([1, 2], path)
+    elif kind == "classes":
+        torch.save(common.SmallCNN(3, 2, 16).state_dict(), path)
+    elif kind == "width":
+        torch.save(common.SmallCNN(3, 10, 8).state_dict(), path)
+    elif kind == "lenet":
+        torch.save(common.LeNet(3, 10, 16, (28, 28)).state_dict(), path)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("missing", ["does not exist"]),
+    ("corrupt", ["cannot be read as a state dict"]),
+    ("list", ["holds a list, not a state dict"]),
+    ("classes", ["has 2 classes; this experiment has 10"]),
+    ("width", ["body.0.weight has shape (8, 3, 3, 3), the teacher's has (16, 3, 3, 3)"]),
+    ("lenet", ["does not fit the teacher (SmallCNN)"]),
+])
+def test_a_bad_teacher_checkpoint_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                                 kind, words):
+    path, out = tmp_path / "teacher.pt", tmp_path / "r.json"
+    write_checkpoint(path, kind)
+    monkeypatch.setattr(harness, "train_teacher",
+                        lambda *a, **k: pytest.fail("trained a teacher"))
+    code, stdout, err = run_main(exp_colored_mnist, [
+        "--smoke", "--teacher-checkpoint", path, "--out", out, "--cache-dir", tmp_path / "c"],
+        monkeypatch, capsys)
+    assert_one_error(code, err, "--teacher-checkpoint", *words)
+    assert not out.exists() and "student (" not in stdout
