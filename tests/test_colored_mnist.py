@@ -121,13 +121,17 @@ def test_smoke_run_per_loss_writes_the_documented_json(smoke_runs):
         assert set(result["teacher"]["eval"]) == set(cm.TEST_CONFIGS)
         for name in cm.TEST_CONFIGS:
             metrics = result["student"]["eval"][name]
-            assert {"acc", "kl", "agreement"} <= set(metrics)
+            assert {"acc", "kl", "agreement", "kappa", "error_consistency", "cka", "procrustes",
+                    "saliency_cosine"} <= set(metrics)
             assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["agreement"] <= 1 and \
-                metrics["kl"] >= 0
+                metrics["kl"] >= 0 and -1 <= metrics["kappa"] <= 1
+            assert set(metrics["cue_share"]) == {"A"} and 0 <= metrics["cue_share"]["A"] <= 1
+            assert 0 <= result["teacher"]["eval"][name]["cue_share"]["A"] <= 1
         curves = result["student"]["curves"]
         assert [c["step"] for c in curves] == [10, 20]
         assert set(curves[-1]["eval"]) == set(cm.TEST_CONFIGS)
-        assert curves[-1]["eval"] == result["student"]["eval"]  # the last point is the final model
+        for name, point in curves[-1]["eval"].items():  # the last point is the final model
+            assert point == {k: result["student"]["eval"][name][k] for k in point}
         assert {"teacher_train_s", "student_train_s",
                 "student_steps_per_s"} <= set(result["timing"])
         assert "agreement" in proc.stdout and "result:" in proc.stdout
