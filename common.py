@@ -28,10 +28,13 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- data, configurations
 
 class TensorSet(NamedTuple):
-    """A data set as tensors: images [N, C, H, W] in [0, 1], labels [N], optional groups [N]."""
+    """A data set as tensors: images [N, C, H, W] in [0, 1], labels [N], optional groups [N] and
+    optional cue pixels [N, H, W] in [0, 1] where a test set's cue lies in each image (Waterbirds'
+    background; a cue at the same pixels in every image needs none)."""
     x: torch.Tensor
     y: torch.Tensor
     group: Optional[torch.Tensor] = None
+    region: Optional[torch.Tensor] = None
 
 
 def parse_config(spec: str, letters: Optional[str] = None) -> dict[str, str]:
@@ -515,9 +518,9 @@ def class_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def region_share(grad: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Per sample, the share of the saliency's squared norm on the pixels of `region` ([H, W]
-    bool): 1 for a model that reads only those pixels, their share of the image for one that
-    looks everywhere alike."""
+    """Per sample, the share of the saliency's squared norm on the pixels of `region` ([H, W], or
+    [N, H, W] per sample; bool or weights in [0, 1]): 1 for a model that reads only those pixels,
+    their share of the image for one that looks everywhere alike."""
     mass = grad.pow(2).sum(1)
     return (mass * region).flatten(1).sum(1) / mass.flatten(1).sum(1).clamp_min(1e-30)
 
@@ -530,17 +533,34 @@ def chroma_share(grad: torch.Tensor) -> torch.Tensor:
     return chroma.pow(2).flatten(1).sum(1) / grad.pow(2).flatten(1).sum(1).clamp_min(1e-30)
 
 
+def on_pixels(region: torch.Tensor) -> Callable[[torch.Tensor, TensorSet], torch.Tensor]:
+    """A cue at the same pixels of every image ([H, W]): its share of a saliency batch."""
+    return lambda grad, test_set: region_share(grad, region)
+
+
+def on_own_pixels(grad: torch.Tensor, test_set: TensorSet) -> torch.Tensor:
+    """A cue at pixels each test image names (its set's `region`)."""
+    return region_share(grad, test_set.region)
+
+
+def on_colour(grad: torch.Tensor, test_set: TensorSet) -> torch.Tensor:
+    """The colour of the image (chroma_share)."""
+    return chroma_share(grad)
+
+
 def saliency_metrics(student: nn.Module, teacher: nn.Module, test_sets: dict[str, TensorSet],
-                     cues: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> dict[str, dict]:
+                     cues: dict[str, Callable[[torch.Tensor, TensorSet], torch.Tensor]]
+                     ) -> dict[str, dict]:
     """Per test set, where teacher and student look: each cue's mean share of the saliency
-    (`cues`: name -> per-sample share of a gradient batch, e.g. region_share on the patch) for
-    both, and the mean cosine of their saliency maps (each pixel's gradient norm)."""
+    (`cues`: name -> per-sample share of the set's gradients: on_pixels, on_own_pixels,
+    on_colour) for both, and the mean cosine of their saliency maps (each pixel's gradient
+    norm)."""
     out = {}
     for name, s in test_sets.items():
         g_s, g_t = class_saliency(student, s.x, s.y), class_saliency(teacher, s.x, s.y)
         maps = [g.pow(2).sum(1).sqrt().flatten(1) for g in (g_s, g_t)]
-        out[name] = {"student": {c: float(share(g_s).mean()) for c, share in cues.items()},
-                     "teacher": {c: float(share(g_t).mean()) for c, share in cues.items()},
+        out[name] = {"student": {c: float(share(g_s, s).mean()) for c, share in cues.items()},
+                     "teacher": {c: float(share(g_t, s).mean()) for c, share in cues.items()},
                      "cosine": float(F.cosine_similarity(*maps, dim=1).mean())}
     return out
 

@@ -48,7 +48,6 @@ a small CNN learns it well but not perfectly (the default teacher reaches about 
     python exp_cifar_patch.py --dominoes --teacher-config IB --student-config IAB --loss kl
 """
 import argparse
-import functools
 import math
 import os
 import pickle
@@ -389,7 +388,7 @@ def cue_regions(height: int, width: int) -> dict[str, torch.Tensor]:
 
 def cues(data: harness.Data) -> dict:
     """Where the models look (harness.finish): each cue's share of the saliency, on its region."""
-    return {name: functools.partial(common.region_share, region=region)
+    return {name: common.on_pixels(region)
             for name, region in cue_regions(*data.student_train.x.shape[2:]).items()}
 
 

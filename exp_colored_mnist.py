@@ -171,7 +171,7 @@ def make_data(args: argparse.Namespace, test_configs: tuple[str, ...] = TEST_CON
 def cues(data: harness.Data) -> dict:
     """Where the models look (harness.finish): the colour cue's share of the saliency, the part of
     each pixel's gradient that changes hue rather than brightness."""
-    return {"A": common.chroma_share}
+    return {"A": common.on_colour}
 
 
 def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:

@@ -576,7 +576,7 @@ def test_a_model_that_reads_only_the_patch_puts_all_its_saliency_there():
     x, y = torch.rand(20, 3, 64, 32), torch.randint(10, (20,))
     patch = ReadsOnly(lambda x: x * regions["A"], 3 * 64 * 32)
     top = ReadsOnly(lambda x: x * regions["B"], 3 * 64 * 32)
-    cues = {k: lambda g, m=m: common.region_share(g, m) for k, m in regions.items()}
+    cues = {k: common.on_pixels(m) for k, m in regions.items()}
     look = common.saliency_metrics(patch, top, {"IAB": common.TensorSet(x, y)}, cues)["IAB"]
     assert look["student"]["A"] == pytest.approx(1.0) and look["student"]["B"] == 0
     assert look["teacher"]["B"] == pytest.approx(1.0) and look["teacher"]["A"] == 0
@@ -584,6 +584,13 @@ def test_a_model_that_reads_only_the_patch_puts_all_its_saliency_there():
     everywhere = ReadsOnly(lambda x: x, 3 * 64 * 32)
     share = common.region_share(common.class_saliency(everywhere, x, y), regions["B"])
     assert 0.3 < float(share.mean()) < 0.7  # about the top half's share of the pixels
+    # a cue whose pixels differ per image (Waterbirds' background): each image names its own
+    own = torch.rand(20, 64, 32) < 0.5
+    reader = ReadsOnly(lambda x: x * own[:, None], 3 * 64 * 32)
+    look = common.saliency_metrics(reader, everywhere, {"I+rA": common.TensorSet(
+        x, y, region=own.float())}, {"A": common.on_own_pixels})["I+rA"]
+    assert look["student"]["A"] == pytest.approx(1.0)
+    assert 0.3 < look["teacher"]["A"] < 0.7
 
 
 def test_colour_share_separates_colour_from_brightness():
