@@ -478,11 +478,12 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
 
 @torch.no_grad()
 def features_of(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Penultimate features (`model.features`) in eval mode, in large batches without autograd."""
+    """Penultimate features (`model.features`) in eval mode, in large batches without autograd,
+    on the model's device."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.cat([model.features(x[i:i + batch_size].to(device)).flatten(1).cpu()
+    out = torch.cat([model.features(x[i:i + batch_size].to(device)).flatten(1)
                      for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
@@ -765,9 +766,7 @@ def teacher_targets(teacher: nn.Module, x: torch.Tensor, needs: tuple = ("logits
     device = next(teacher.parameters()).device
     out = {"logits": predict(teacher, x, batch_size)}
     if "features" in needs:
-        with torch.no_grad():
-            out["features"] = torch.cat([teacher.features(x[i:i + 1024].to(device))
-                                         for i in range(0, len(x), 1024)])
+        out["features"] = features_of(teacher, x)
     num_classes = out["logits"].shape[1]
     rows = num_classes if top_k is None else min(top_k, num_classes)
     if "jacobian" in needs and len(x) * rows * x[0].numel() * 4 <= max_bytes:

@@ -51,6 +51,16 @@ def flatten(value, prefix: str = "") -> dict[str, float]:
     return {}
 
 
+def rebuild_data(result: dict):
+    """(the result's script as a module, its parsed arguments, its data), rebuilt from the
+    arguments the result recorded: the same seeds, so the same validation and test sets."""
+    module = load_script(os.path.join(ROOT, f"exp_{result['experiment']}.py"))
+    with contextlib.redirect_stdout(io.StringIO()):  # parse_args and make_data report as a run
+        args = module.parse_args(result["provenance"]["argv"])
+        data = module.make_data(args, log=lambda m: None)
+    return module, args, data
+
+
 def recompute(path: str) -> tuple[dict, dict]:
     """(the result, the recomputed {"teacher": eval, "student": eval, "fit": ...})."""
     try:
@@ -65,10 +75,7 @@ def recompute(path: str) -> tuple[dict, dict]:
     if not os.path.isfile(script):
         raise common.UserError(f"{path} comes from experiment '{result['experiment']}', which "
                                f"has no script {script}")
-    module = load_script(script)
-    with contextlib.redirect_stdout(io.StringIO()):  # parse_args and make_data report as a run
-        args = module.parse_args(result["provenance"]["argv"])
-        data = module.make_data(args, log=lambda m: None)
+    module, args, data = rebuild_data(result)
     teacher, student = (harness.load_weights(path, role, result["weights"][role])
                         for role in ("teacher", "student"))
     for model in (teacher, student):

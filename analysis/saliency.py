@@ -14,9 +14,7 @@ records it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
-import io
 import json
 import os
 import sys
@@ -26,7 +24,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import harness  # noqa: E402
-from analysis.engine import load_script  # noqa: E402
+from analysis.recompute import rebuild_data  # noqa: E402
 
 LOSS_ORDER = ("ce", "kl", "jacobian", "contrastive")
 
@@ -85,10 +83,7 @@ def main() -> None:
         raise common.UserError(f"--images must be at least 1, got {args.images}")
     chosen = pick_results(args)
     first_path, first = chosen[0]
-    module = load_script(os.path.join(ROOT, f"exp_{first['experiment']}.py"))
-    with contextlib.redirect_stdout(io.StringIO()):
-        data = module.make_data(module.parse_args(first["provenance"]["argv"]),
-                                log=lambda m: None)
+    _, _, data = rebuild_data(first)
     if args.set not in data.test_sets:
         raise common.UserError(f"no test set '{args.set}'; the script has "
                                f"{', '.join(data.test_sets)}")
