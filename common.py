@@ -489,15 +489,13 @@ def features_of(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> to
     return out
 
 
-def representation_metrics(student: nn.Module, teacher: nn.Module,
-                           test_sets: dict[str, TensorSet]) -> dict[str, dict]:
-    """Per test set, how alike teacher's and student's penultimate features are: linear CKA and
-    orthogonal Procrustes distance over the set's samples."""
-    out = {}
-    for name, s in test_sets.items():
-        fs, ft = features_of(student, s.x), features_of(teacher, s.x)
-        out[name] = {"cka": linear_cka(fs, ft), "procrustes": procrustes_distance(fs, ft)}
-    return out
+def representation_metrics(student_features: dict[str, torch.Tensor],
+                           teacher_features: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per test set, how alike student's and teacher's penultimate features (`features_of` on the
+    set) are: linear CKA and orthogonal Procrustes distance over the set's samples."""
+    return {name: {"cka": linear_cka(fs, teacher_features[name]),
+                   "procrustes": procrustes_distance(fs, teacher_features[name])}
+            for name, fs in student_features.items()}
 
 
 def class_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -549,21 +547,28 @@ def on_colour(grad: torch.Tensor, test_set: TensorSet) -> torch.Tensor:
     return chroma_share(grad)
 
 
-def saliency_metrics(student: nn.Module, teacher: nn.Module, test_sets: dict[str, TensorSet],
-                     cues: dict[str, Callable[[torch.Tensor, TensorSet], torch.Tensor]]
-                     ) -> dict[str, dict]:
-    """Per test set, where teacher and student look: each cue's mean share of the saliency
-    (`cues`: name -> per-sample share of the set's gradients: on_pixels, on_own_pixels,
-    on_colour) for both, and the mean cosine of their saliency maps (each pixel's gradient
-    norm)."""
+def look_of(model: nn.Module, test_sets: dict[str, TensorSet],
+            cues: dict[str, Callable[[torch.Tensor, TensorSet], torch.Tensor]]) -> dict[str, dict]:
+    """Per test set, where one model looks: its saliency map (each pixel's norm of the label
+    logit's input gradient, [N, H * W]) and each cue's mean share of the saliency (`cues`: name
+    -> per-sample share of the set's gradients: on_pixels, on_own_pixels, on_colour). A teacher's
+    is the same for all its students, so a grid engine computes it once per teacher."""
     out = {}
     for name, s in test_sets.items():
-        g_s, g_t = class_saliency(student, s.x, s.y), class_saliency(teacher, s.x, s.y)
-        maps = [g.pow(2).sum(1).sqrt().flatten(1) for g in (g_s, g_t)]
-        out[name] = {"student": {c: float(share(g_s, s).mean()) for c, share in cues.items()},
-                     "teacher": {c: float(share(g_t, s).mean()) for c, share in cues.items()},
-                     "cosine": float(F.cosine_similarity(*maps, dim=1).mean())}
+        grad = class_saliency(model, s.x, s.y)
+        out[name] = {"map": grad.pow(2).sum(1).sqrt().flatten(1),
+                     "cue_share": {c: float(share(grad, s).mean()) for c, share in cues.items()}}
     return out
+
+
+def saliency_metrics(student_look: dict[str, dict], teacher_look: dict[str, dict]
+                     ) -> dict[str, dict]:
+    """Per test set, where student and teacher look (`look_of` each): each one's cue shares and
+    the mean cosine of their saliency maps."""
+    return {name: {"student": s["cue_share"], "teacher": teacher_look[name]["cue_share"],
+                   "cosine": float(F.cosine_similarity(s["map"], teacher_look[name]["map"],
+                                                       dim=1).mean())}
+            for name, s in student_look.items()}
 
 
 def group_accuracy(pred: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> dict[str, float]:

@@ -494,7 +494,8 @@ def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    return harness.finish(run, teacher, student, distilled, data, cues=cues(data), notes=notes)
+    return harness.finish(run, teacher, student, distilled, data, cues=cues(data), memo=memo,
+                          notes=notes)
 
 
 if __name__ == "__main__":

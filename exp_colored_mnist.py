@@ -195,7 +195,7 @@ def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    return harness.finish(run, teacher, student, distilled, data, cues=cues(data))
+    return harness.finish(run, teacher, student, distilled, data, cues=cues(data), memo=memo)
 
 
 if __name__ == "__main__":

@@ -553,8 +553,8 @@ def main(argv: Optional[list[str]] = None, memo: Optional[dict] = None) -> dict:
     distilled = harness.distill(run, teacher, student, data, memo)
 
     # ------------------------------------------------------------------------- evaluate and save
-    return harness.finish(run, teacher, student, distilled, data, cues=cues(data),
-                   groups={str(g): name for g, name in enumerate(GROUP_NAMES)})
+    return harness.finish(run, teacher, student, distilled, data, cues=cues(data), memo=memo,
+                          groups={str(g): name for g, name in enumerate(GROUP_NAMES)})
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 import common
 from common import (ARCHS, JACOBIAN_METHODS, LOSSES, TensorSet, UserError, evaluate_student,
-                    freeze, in_format, predict, teacher_metrics, train_teacher, with_alpha)
+                    features_of, freeze, in_format, predict, teacher_metrics, train_teacher,
+                    with_alpha)
 
 TEST_SEED = 12345  # test and validation sets are drawn with this seed: the same for every --seed
 MAX_SEED = 2 ** 31 - 2  # numpy takes seeds below 2**32; the student uses seed + 1
@@ -853,18 +854,34 @@ def weigh_groups(metrics: dict, shares: dict[str, float]) -> dict:
 
 def evaluate(teacher: nn.Module, student: nn.Module, test_sets: dict[str, TensorSet],
              teacher_logits: dict[str, torch.Tensor], shares: dict[str, float],
-             cues: Optional[dict] = None) -> tuple[dict, dict]:
+             cues: Optional[dict] = None, memo: Optional[dict] = None,
+             teacher_key: str = "") -> tuple[dict, dict]:
     """Every metric of teacher and student on every test set: (teacher's, student's). What a
-    result's `eval` holds; analysis/recompute.py recomputes it from saved weights."""
+    result's `eval` holds; analysis/recompute.py recomputes it from saved weights. In a grid
+    engine (`memo`) the teacher's side of the comparisons (its features and where it looks) is
+    computed once per teacher (`teacher_key`, its cache key) and test sets."""
     teacher_eval = {name: weigh_groups(teacher_metrics(teacher_logits[name], s.y.cpu(),
                                                        None if s.group is None else s.group.cpu()),
                                        shares)
                     for name, s in test_sets.items()}
-    representation = common.representation_metrics(student, teacher, test_sets)
+
+    def view(model: nn.Module) -> tuple[dict, Optional[dict]]:
+        return ({name: features_of(model, s.x) for name, s in test_sets.items()},
+                common.look_of(model, test_sets, cues) if cues else None)
+
+    if memo is None:
+        teacher_features, teacher_look = view(teacher)
+    else:
+        tests_key = digest_of(memo, *[t for _, s in sorted(test_sets.items()) for t in s])
+        teacher_features, teacher_look = remember(
+            memo, ("teacher view", teacher_key, tests_key, tuple(sorted(cues or ()))),
+            lambda: view(teacher))
+    student_features, student_look = view(student)
+    representation = common.representation_metrics(student_features, teacher_features)
     student_eval = {name: {**weigh_groups(m, shares), **representation[name]} for name, m in
                     evaluate_student(student, test_sets, teacher_logits).items()}
     if cues:
-        for name, look in common.saliency_metrics(student, teacher, test_sets, cues).items():
+        for name, look in common.saliency_metrics(student_look, teacher_look).items():
             student_eval[name].update(cue_share=look["student"], saliency_cosine=look["cosine"])
             teacher_eval[name]["cue_share"] = look["teacher"]
     return teacher_eval, student_eval
@@ -928,13 +945,13 @@ def load_weights(result_path: str, role: str, record: dict) -> nn.Module:
 
 
 def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data: Data,
-           cues: Optional[dict] = None, **extra) -> dict:
+           cues: Optional[dict] = None, memo: Optional[dict] = None, **extra) -> dict:
     """Check the student, evaluate teacher and student on every test set, then print and write the
     result JSON: the flags as parsed (`args`), the settings they made (the teacher's and the
     student's dataclass), provenance, metrics, curves, timing and the script's `extra` entries
     (e.g. notes). The teacher's logits on the sets come from `distilled` (common.distill).
     `cues` (name -> per-sample share of a saliency batch, common.region_share or chroma_share):
-    where teacher and student look on every test set."""
+    where teacher and student look on every test set. `memo`: a grid engine's (see `evaluate`)."""
     test_sets = data.test_sets
     student_logits = predict(student, data.student_validation.x)
     bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
@@ -957,7 +974,7 @@ def finish(run: Run, teacher: Teacher, student: nn.Module, distilled: dict, data
     record = dict(teacher.record)
     train_s = record.pop("train_s")
     teacher_eval, student_eval = evaluate(teacher.model, student, test_sets, teacher_logits,
-                                          shares, cues)
+                                          shares, cues, memo, record["cache_key"])
     weights = save_weights(run.out, teacher.model, student, data) if run.args.save_weights \
         else None
     result = {

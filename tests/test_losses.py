@@ -577,7 +577,9 @@ def test_a_model_that_reads_only_the_patch_puts_all_its_saliency_there():
     patch = ReadsOnly(lambda x: x * regions["A"], 3 * 64 * 32)
     top = ReadsOnly(lambda x: x * regions["B"], 3 * 64 * 32)
     cues = {k: common.on_pixels(m) for k, m in regions.items()}
-    look = common.saliency_metrics(patch, top, {"IAB": common.TensorSet(x, y)}, cues)["IAB"]
+    sets = {"IAB": common.TensorSet(x, y)}
+    look = common.saliency_metrics(common.look_of(patch, sets, cues),
+                                   common.look_of(top, sets, cues))["IAB"]
     assert look["student"]["A"] == pytest.approx(1.0) and look["student"]["B"] == 0
     assert look["teacher"]["B"] == pytest.approx(1.0) and look["teacher"]["A"] == 0
     assert look["cosine"] == pytest.approx(0.0, abs=1e-6)  # they look at disjoint pixels
@@ -587,8 +589,9 @@ def test_a_model_that_reads_only_the_patch_puts_all_its_saliency_there():
     # a cue whose pixels differ per image (Waterbirds' background): each image names its own
     own = torch.rand(20, 64, 32) < 0.5
     reader = ReadsOnly(lambda x: x * own[:, None], 3 * 64 * 32)
-    look = common.saliency_metrics(reader, everywhere, {"I+rA": common.TensorSet(
-        x, y, region=own.float())}, {"A": common.on_own_pixels})["I+rA"]
+    sets, cues = {"I+rA": common.TensorSet(x, y, region=own.float())}, {"A": common.on_own_pixels}
+    look = common.saliency_metrics(common.look_of(reader, sets, cues),
+                                   common.look_of(everywhere, sets, cues))["I+rA"]
     assert look["student"]["A"] == pytest.approx(1.0)
     assert 0.3 < look["teacher"]["A"] < 0.7
 
