@@ -714,26 +714,29 @@ def seeds_needed(std: float, effect: float, power: float = 0.8, level: float = 0
 
 
 def category_difference(rows: list[dict], a: str, b: str, key: str = "category") -> list[dict]:
-    """Per experiment and category: method a minus method b, paired by seed. For each seed both
-    methods have in every cell of the category that both have, the mean over those cells of
-    a - b; then the mean, sample std and 95 % Student-t interval over seeds, the smallest
-    difference the design detects (80 % power, 5 % level) and the cells used."""
+    """Per experiment and category: method a minus method b, paired by seed. The cells used are
+    those of the category where both methods have every seed that either has in it (as in
+    `category_summary`, so that each seed's mean is over the same cells); for each seed, the mean
+    over those cells of a - b; then the mean, sample std and 95 % Student-t interval over seeds,
+    the smallest difference the design detects (80 % power, 5 % level), the cells used and the
+    cells left out for lacking a seed."""
     out = []
     for exp in sorted({r["experiment"] for r in rows}):
         by = {(r["method"], r["teacher"], r["student"], r["test_set"]): r
               for r in rows if r["experiment"] == exp and r.get(key)}
         cats = {k[1:]: r[key] for k, r in by.items()}
         for cat in (CATEGORIES8 if key == "category8" else CATEGORIES):
-            cells = [c for c, v in cats.items() if v == cat and (a, *c) in by and (b, *c) in by]
-            if not cells:
+            both = [c for c, v in cats.items() if v == cat and (a, *c) in by and (b, *c) in by]
+            if not both:
                 continue
-            seeds = sorted(set.intersection(*(set(by[(m, *c)]["per_seed"]) for c in cells
-                                              for m in (a, b))))
+            seeds = sorted({s for c in both for m in (a, b) for s in by[(m, *c)]["per_seed"]})
+            cells = [c for c in both
+                     if all(s in by[(m, *c)]["per_seed"] for m in (a, b) for s in seeds)]
             diffs = summarize(float(np.mean([by[(a, *c)]["per_seed"][s]
                                              - by[(b, *c)]["per_seed"][s] for c in cells]))
-                              for s in seeds)
+                              for s in (seeds if cells else []))
             out.append({"experiment": exp, "category": cat, "a": a, "b": b, "mean": diffs.mean,
                         "std": diffs.std, "ci_lo": diffs.lo, "ci_hi": diffs.hi, "n": diffs.n,
-                        "cells": len(cells),
+                        "cells": len(cells), "cells_dropped": len(both) - len(cells),
                         "detectable": detectable_difference(diffs.std, diffs.n)})
     return out

@@ -10,7 +10,8 @@
 
 Per cell: mean ± std over seeds. Per category: the mean over the category's cells, ± the std over
 seeds of each seed's mean over those cells (the cells every seed has: `cells lacking a seed`
-counts those left out of the spread). The 95 % Student-t confidence interval is in brackets when
+counts, per method, those left out of the spread; --minus pairs over the cells where both
+methods have every seed). The 95 % Student-t confidence interval is in brackets when
 there are at least two seeds; n is the number of seeds, `cells` the number of cells. Runs the
 scripts excluded are left out, and a line under each table says how many.
 """
@@ -96,7 +97,7 @@ def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key
         vals = [(f"{c['mean']:.6g}" if fmt == "csv" else entry(c, ci=ci)) if c else "-"
                 for c in cells]
         refs = [f"{ref[cat]:.3f}" if cat in ref else "-" for ref in reference.values()]
-        dropped = "/".join(sorted({str(c["cells_dropped"]) for c in cells if c}, key=int))
+        dropped = "/".join(str(c["cells_dropped"]) if c else "-" for c in cells)
         lines.append([cat if fmt == "csv" else R.category_name(cat), *vals, *refs,
                       str(max(c["cells"] for c in cells if c)), dropped])
     return render(header, lines, fmt)
@@ -142,7 +143,8 @@ def difference_table(rows: list[dict], methods: list[str], minus: str, key: str,
     others = [m for m in methods if m != minus]
     diffs = {(d["category"], d["a"]): d for m in others
              for d in R.category_difference(rows, m, minus, key)}
-    header = ["category", *[f"{m} − {minus}" for m in others], "cells", "seeds"]
+    header = ["category", *[f"{m} − {minus}" for m in others], "cells", "cells lacking a seed",
+              "seeds"]
     lines = []
     for cat in (R.CATEGORIES8 if key == "category8" else R.CATEGORIES):
         cells = [diffs.get((cat, m)) for m in others]
@@ -162,8 +164,8 @@ def difference_table(rows: list[dict], methods: list[str], minus: str, key: str,
                             f"(detects ≥ {d['detectable']:.3f}{plan})" if d["n"] > 1
                             else f"{d['mean']:+.3f} (n={d['n']})")
         lines.append([cat if fmt == "csv" else R.category_name(cat), *vals,
-                      "/".join(sorted({str(d["cells"]) for d in cells if d}, key=int)),
-                      "/".join(sorted({str(d["n"]) for d in cells if d}, key=int))])
+                      *("/".join(str(d[k]) if d else "-" for d in cells)
+                        for k in ("cells", "cells_dropped", "n"))])
     return render(header, lines, fmt)
 
 

@@ -453,6 +453,13 @@ def test_category_difference_is_paired_by_seed_with_its_detectable_size():
     assert (d["ci_lo"], d["ci_hi"]) == (pytest.approx(0.1 - half), pytest.approx(0.1 + half))
     assert d["detectable"] == pytest.approx(
         (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * std / math.sqrt(3))
+    # a third cell that kl lacks for seed 2 is left out whole; the seeds stay paired on the rest
+    rows += [{"experiment": "toy", "method": m, "teacher": "IB", "student": "I", "test_set": "IB",
+              "category": "teacher", "per_seed": ps}
+             for m, ps in (("jacobian", {0: 0.9, 1: 0.9, 2: 0.9}), ("kl", {0: 0.1, 1: 0.1}))]
+    [d2] = R.category_difference(rows, "jacobian", "kl")
+    assert (d2["mean"], d2["n"], d2["cells"], d2["cells_dropped"]) == (
+        pytest.approx(0.1), 3, 2, 1)
     n = R.seeds_needed(std, 0.01)
     assert R.detectable_difference(std, n) <= 0.01 < R.detectable_difference(std, n - 1)
     assert R.seeds_needed(float("nan"), 0.01) is None
@@ -471,6 +478,28 @@ def test_table_minus_prints_each_loss_minus_kl_per_category(tmp_path, cli):
     assert r.returncode == 2 and "--by category" in r.stderr
 
 
+def test_the_new_measures_are_metrics_of_tables_and_figures(tmp_path, cli):
+    """Nested measures (cue_share.A, the teacher's teacher_cue_share.A) and CKA are metrics like
+    accuracy: tables and figures read them with --metric / --metrics."""
+    for teacher in ("IA", "I"):
+        for seed, share in ((0, 0.2), (1, 0.4)):
+            r = result(teacher=teacher, seed=seed, evals={"I": 0.5, "IA": 0.9})
+            for name in ("I", "IA"):
+                r["student"]["eval"][name].update({"cka": 0.8, "cue_share": {"A": share}})
+                r["teacher"]["eval"][name]["cue_share"] = {"A": 0.9}
+            write(tmp_path / "r", f"{teacher}_{seed}.json", r)
+    for metric, want in (("cue_share.A", 0.3), ("teacher_cue_share.A", 0.9), ("cka", 0.8)):
+        out = cli("table.py", tmp_path / "r", "--metric", metric, "--format", "csv")
+        assert out.returncode == 0, out.stderr
+        line = next(l for l in out.stdout.splitlines() if l.startswith("IA,IA,I,"))
+        assert float(line.split(",")[4]) == pytest.approx(want)
+    out = cli("figures.py", tmp_path / "r", "--out", tmp_path / "f", "--metrics", "cka",
+              "cue_share.A")
+    assert out.returncode == 0, out.stderr
+    names = os.listdir(tmp_path / "f")
+    assert any("heatmap_cue_share" in f for f in names) and any("heatmap_cka" in f for f in names)
+
+
 def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
     # test sets I, A and I+rA; I+rA counts as I (its label-carrying mechanism)
     grid_results(tmp_path)
@@ -480,7 +509,7 @@ def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
     sim = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
     # kl's similarity cells: K = I in (I,I), (IA,I), (I,IA), (IA,IA) at 0.55;
     # K = A in (IA,IA), (A,IA) at 0.275
-    assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-2:] == ["6", "0"]
+    assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-2:] == ["6", "0/0"]
     r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv")
     sim_all = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
     assert sim_all[-2] == "10"  # plus the four I+rA cells
