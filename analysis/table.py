@@ -12,7 +12,8 @@ Per cell: mean ± std over seeds. Per category: the mean over the category's cel
 seeds of each seed's mean over those cells (the cells every seed has: `cells lacking a seed`
 counts, per method, those left out of the spread; --minus pairs over the cells where both
 methods have every seed). The 95 % Student-t confidence interval is in brackets when
-there are at least two seeds; n is the number of seeds, `cells` the number of cells. Runs the
+there are at least two seeds; n is the number of seeds, `cells` the number of cells (per method
+in a category table: the cells with a run that is not excluded). Runs the
 scripts excluded are left out, and a line under each table says how many.
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ def category_table(rows: list[dict], methods: list[str], fmt: str, ci: bool, key
         refs = [f"{ref[cat]:.3f}" if cat in ref else "-" for ref in reference.values()]
         dropped = "/".join(str(c["cells_dropped"]) if c else "-" for c in cells)
         lines.append([cat if fmt == "csv" else R.category_name(cat), *vals, *refs,
-                      str(max(c["cells"] for c in cells if c)), dropped])
+                      "/".join(str(c["cells"]) if c else "-" for c in cells), dropped])
     return render(header, lines, fmt)
 
 

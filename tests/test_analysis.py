@@ -509,10 +509,10 @@ def test_sets_limit_the_categories_to_the_named_test_sets(tmp_path, cli):
     sim = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
     # kl's similarity cells: K = I in (I,I), (IA,I), (I,IA), (IA,IA) at 0.55;
     # K = A in (IA,IA), (A,IA) at 0.275
-    assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-2:] == ["6", "0/0"]
+    assert float(sim[1]) == pytest.approx((4 * 0.55 + 2 * 0.275) / 6) and sim[-2:] == ["6/6", "0/0"]
     r = cli("table.py", tmp_path, "--metric", "acc", "--by", "category", "--format", "csv")
     sim_all = {row[0]: row for row in (l.split(",") for l in r.stdout.splitlines())}["similarity"]
-    assert sim_all[-2] == "10"  # plus the four I+rA cells
+    assert sim_all[-2] == "10/10"  # plus the four I+rA cells
     r = cli("table.py", tmp_path, "--sets", "I", "AB")
     assert r.returncode == 2 and "no test set AB" in r.stderr and "Traceback" not in r.stderr
     runs = R.only_sets(R.load_results(str(tmp_path)), ["A"])
