@@ -61,8 +61,8 @@ def rebuild_data(result: dict):
     return module, args, data
 
 
-def recompute(path: str) -> tuple[dict, dict]:
-    """(the result, the recomputed {"teacher": eval, "student": eval, "fit": ...})."""
+def load_result(path: str) -> dict:
+    """A result JSON that records saved weights, or one clear error."""
     try:
         with open(path) as f:
             result = json.load(f)
@@ -71,6 +71,12 @@ def recompute(path: str) -> tuple[dict, dict]:
     if not isinstance(result, dict) or "weights" not in result:
         raise common.UserError(f"{path} records no saved weights (made before they were saved, "
                                f"or with --no-save-weights); run its command again")
+    return result
+
+
+def recompute(path: str) -> tuple[dict, dict]:
+    """(the result, the recomputed {"teacher": eval, "student": eval, "fit": ...})."""
+    result = load_result(path)
     script = os.path.join(ROOT, f"exp_{result['experiment']}.py")
     if not os.path.isfile(script):
         raise common.UserError(f"{path} comes from experiment '{result['experiment']}', which "

@@ -436,6 +436,15 @@ def test_saved_weights_recompute_the_result_and_a_teacher_checkpoint_round_trips
     assert info.value.code in (0, None), capsys.readouterr().err
     assert (tmp_path / "s.png").stat().st_size > 10000
     assert "2 images of IAB, teacher and 1 students (jacobian)" in capsys.readouterr().out
+    # what each measure costs, on these models and test sets (no timing asserted)
+    from analysis import bench_measures
+    monkeypatch.setattr(sys, "argv", ["bench_measures.py", str(out), "--repeats", "1"])
+    harness.run_cli(bench_measures.main)
+    lines = capsys.readouterr().out.splitlines()
+    assert "12 test sets" in lines[0] and len(lines) == 5
+    assert [line.split(" s  ")[1].split(" (")[0].strip() for line in lines[1:]] == [
+        "logits and agreement", "features, CKA and Procrustes distance",
+        "where they look", "saving both models' weights"]
     # a file that is not the one the result recorded is refused
     with open(tmp_path / weights["student"]["file"], "ab") as f:
         f.write(b"x")
