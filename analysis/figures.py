@@ -287,7 +287,10 @@ def diff_heatmap(runs: list[R.Run], exp: str, method: str, base: str, metric: st
 def curves(runs: list[R.Run], exp: str, teacher: str, student: str, metrics: list[str], out: str,
            written: list[str], note: str = "") -> None:
     pair_runs = R.select(runs, teacher=teacher, student=student)
-    if not any(r.curves for r in pair_runs):
+    # the curves hold the cheap metrics only (accuracy, KL, agreement): draw those asked for
+    metrics = [m for m in metrics if any(m in e for r in pair_runs for _, ev in r.curves
+                                         for e in ev.values())]
+    if not metrics:
         return
     methods, sets = R.methods(pair_runs), R.test_sets(pair_runs)
     fig, axes = plt.subplots(len(metrics), len(sets),
