@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import harness  # noqa: E402
-from analysis.recompute import load_result, rebuild_data  # noqa: E402
+from analysis.recompute import load_models, load_result, rebuild_data  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,10 +58,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     result = load_result(args.result)
     module, run_args, data = rebuild_data(result)
-    teacher, student = (harness.load_weights(args.result, role, result["weights"][role])
-                        for role in ("teacher", "student"))
-    for model in (teacher, student):
-        common.in_format(model, bool(getattr(run_args, "channels_last", False)))
+    teacher, student = load_models(args.result, result, run_args)
     tests = data.test_sets
     cues = module.cues(data) if hasattr(module, "cues") else None
 

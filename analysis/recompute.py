@@ -74,6 +74,16 @@ def load_result(path: str) -> dict:
     return result
 
 
+def load_models(path: str, result: dict, args) -> tuple:
+    """(teacher, student) from the weights saved beside the result at `path`, each file checked
+    against its recorded sha256, in the memory layout the run used (`args`: its parsed flags)."""
+    teacher, student = (harness.load_weights(path, role, result["weights"][role])
+                        for role in ("teacher", "student"))
+    for model in (teacher, student):
+        common.in_format(model, bool(getattr(args, "channels_last", False)))
+    return teacher, student
+
+
 def recompute(path: str) -> tuple[dict, dict]:
     """(the result, the recomputed {"teacher": eval, "student": eval, "fit": ...})."""
     result = load_result(path)
@@ -82,10 +92,7 @@ def recompute(path: str) -> tuple[dict, dict]:
         raise common.UserError(f"{path} comes from experiment '{result['experiment']}', which "
                                f"has no script {script}")
     module, args, data = rebuild_data(result)
-    teacher, student = (harness.load_weights(path, role, result["weights"][role])
-                        for role in ("teacher", "student"))
-    for model in (teacher, student):
-        common.in_format(model, bool(getattr(args, "channels_last", False)))
+    teacher, student = load_models(path, result, args)
     teacher_logits = {name: common.predict(teacher, s.x).cpu()
                       for name, s in data.test_sets.items()}
     groups = data.student_train.group
