@@ -9,7 +9,7 @@ over all test sets, each part of a run's final evaluation: the logits and the ag
 (accuracy, KL, agreement, Cohen's kappa, error consistency), the penultimate features of both
 models with CKA and Procrustes distance, where both models look (the input gradient of the
 label's logit, cue shares and saliency cosine), and saving both models' weights. It prints the
-median of --repeats timings per part, next to the run's training time from the result, so the
+median of --repeats timings per part, next to the whole run's time from the result, so the
 share each measure adds to a run can be read off. Time it alone: other processes on the CPU
 change the numbers.
 """

@@ -54,7 +54,11 @@ def flatten(value, prefix: str = "") -> dict[str, float]:
 def rebuild_data(result: dict):
     """(the result's script as a module, its parsed arguments, its data), rebuilt from the
     arguments the result recorded: the same seeds, so the same validation and test sets."""
-    module = load_script(os.path.join(ROOT, f"exp_{result['experiment']}.py"))
+    script = os.path.join(ROOT, f"exp_{result['experiment']}.py")
+    if not os.path.isfile(script):
+        raise common.UserError(f"the result comes from experiment '{result['experiment']}', "
+                               f"which has no script {script}")
+    module = load_script(script)
     with contextlib.redirect_stdout(io.StringIO()):  # parse_args and make_data report as a run
         args = module.parse_args(result["provenance"]["argv"])
         data = module.make_data(args, log=lambda m: None)
@@ -87,10 +91,6 @@ def load_models(path: str, result: dict, args) -> tuple:
 def recompute(path: str) -> tuple[dict, dict]:
     """(the result, the recomputed {"teacher": eval, "student": eval, "fit": ...})."""
     result = load_result(path)
-    script = os.path.join(ROOT, f"exp_{result['experiment']}.py")
-    if not os.path.isfile(script):
-        raise common.UserError(f"{path} comes from experiment '{result['experiment']}', which "
-                               f"has no script {script}")
     module, args, data = rebuild_data(result)
     teacher, student = load_models(path, result, args)
     teacher_logits = {name: common.predict(teacher, s.x).cpu()
